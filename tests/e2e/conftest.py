@@ -1,0 +1,141 @@
+"""Fixtures for end-to-end tests that run real processes (the daemon, Prometheus, Alertmanager).
+
+- ``tool(name)``: path of an external tool (``.tools/bin``, the venv, then ``PATH``). A missing tool
+  skips the test locally and fails it when the ``CI`` environment variable is set, so nothing
+  silently skips in CI (``scripts/install-test-tools.sh`` installs them all).
+- ``free_port()``: a free TCP port on 127.0.0.1.
+- ``processes``: starts subprocesses with their output in files under ``tmp_path`` and stops each
+  one (by its own PID) at teardown; ``processes.output(proc)`` returns what it printed.
+- ``wait_until(check, timeout, what)``: polls ``check()`` until it returns a truthy value.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _find_tool(name: str) -> str:
+    for candidate in (ROOT / ".tools" / "bin" / name, Path(sys.executable).parent / name):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    message = f"{name} not found; run scripts/install-test-tools.sh"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def tool() -> Callable[[str], str]:
+    """Return a lookup that finds an external tool or skips (locally) / fails (under CI)."""
+    return _find_tool
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """Return a function that gives a currently free loopback port."""
+    return _free_port
+
+
+class Processes:
+    """Subprocesses started by one test, stopped by PID at teardown."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._started: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(
+        self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None, **kw: Any
+    ) -> subprocess.Popen[bytes]:
+        log = self._directory / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+                **kw,
+            )
+        self._started.append((proc, log))
+        return proc
+
+    def output(self, proc: subprocess.Popen[bytes]) -> str:
+        for started, log in self._started:
+            if started is proc:
+                return log.read_text(errors="replace")
+        raise KeyError(proc)
+
+    def all_output(self) -> str:
+        return "\n".join(
+            f"--- {log.name} (pid {proc.pid}, rc {proc.poll()}) ---\n"
+            + log.read_text(errors="replace")[-4000:]
+            for proc, log in self._started
+        )
+
+    def stop_all(self) -> None:
+        for proc, _ in reversed(self._started):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc, _ in reversed(self._started):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Start subprocesses whose output lands in tmp_path; all are stopped at teardown."""
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def _wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            result = check()
+        except Exception as exc:  # the thing we wait for may not accept connections yet
+            last_error = exc
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}: {last_error!r}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def wait_until() -> Callable[..., Any]:
+    """Return a poller: wait_until(check, timeout, what) -> check()'s first truthy result."""
+    return _wait_until
