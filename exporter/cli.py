@@ -1,0 +1,159 @@
+"""Command line: ``dcs-migration-exporter`` / ``python -m exporter``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from exporter import __version__
+from exporter.config import (
+    AkSkAuth,
+    CloudConfig,
+    Config,
+    ConfigError,
+    PollingConfig,
+    Secret,
+    TaskConfig,
+    load_config,
+)
+from exporter.daemon import Daemon, build_poller, open_session
+from exporter.logs import LEVELS, setup_logging
+from exporter.state import ExporterState
+from exporter.web import MetricsRenderer
+from exporter.web_config import WebConfig, WebConfigError, load_web_config
+
+log = logging.getLogger("exporter")
+
+DEFAULT_LISTEN = ":9713"
+
+
+def parse_listen_address(value: str) -> tuple[str | None, int]:
+    """``HOST:PORT``, ``:PORT`` (all interfaces) or ``[::1]:PORT``."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    host = host.strip("[]")
+    return (host or None), int(port_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of DESIGN.md, named as in other Prometheus exporters."""
+    parser = argparse.ArgumentParser(
+        prog="dcs-migration-exporter",
+        description="Export the progress of DCS online migration tasks to Prometheus.",
+    )
+    parser.add_argument("--config.file", dest="config_file", default="config.yaml", metavar="PATH")
+    parser.add_argument(
+        "--config.check",
+        dest="config_check",
+        action="store_true",
+        help="validate the config, print every problem, exit 0 or 1",
+    )
+    parser.add_argument(
+        "--web.listen-address",
+        dest="listen",
+        default=DEFAULT_LISTEN,
+        type=parse_listen_address,
+        metavar="HOST:PORT",
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=None,
+        metavar="PATH",
+        help="TLS and basic auth, exporter-toolkit format",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="poll every task once, print the metrics, exit 1 if any poll failed",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="run the bundled DCS API simulator on loopback and export its tasks",
+    )
+    parser.add_argument("--log.level", dest="log_level", default="info", choices=LEVELS)
+    parser.add_argument(
+        "--log.format", dest="log_format", default="logfmt", choices=("logfmt", "json")
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"dcs-migration-exporter {__version__}"
+    )
+    return parser
+
+
+def demo_config(base_url: str, task_ids: Sequence[tuple[str, str]]) -> Config:
+    """A config pointing at a simulator with its demo credentials."""
+    from exporter.simulator import DEMO_ACCESS_KEY, DEMO_PROJECT_ID, DEMO_SECRET_KEY
+
+    return Config(
+        cloud=CloudConfig(
+            region="eu-de",
+            dcs_endpoint=base_url,
+            iam_endpoint=f"{base_url}/v3",
+            project_id=DEMO_PROJECT_ID,
+        ),
+        auth=AkSkAuth(access_key=DEMO_ACCESS_KEY, secret_key=Secret(value=DEMO_SECRET_KEY)),
+        polling=PollingConfig(interval=5.0, timeout=4.0, details_interval=30.0),
+        tasks=tuple(TaskConfig(id=task_id, name=name) for task_id, name in task_ids),
+    )
+
+
+async def run_once(config: Config) -> int:
+    """Poll every task once and print the exposition."""
+    state = ExporterState()
+    async with open_session(config) as session:
+        poller = build_poller(config, session, state)
+        ok = await poller.poll_all_once()
+    sys.stdout.write(MetricsRenderer(state).render(openmetrics=False).decode())
+    return 0 if ok else 1
+
+
+async def run_demo(listen: tuple[str | None, int], web_config: WebConfig | None) -> None:
+    """Start the simulator on loopback and the daemon against it."""
+    from exporter.simulator import DEMO_TASKS, demo_simulator, start
+
+    simulator = demo_simulator()
+    runner, base_url = await start(simulator)
+    log.info("demo: DCS API simulator on %s with %d tasks", base_url, len(DEMO_TASKS))
+    try:
+        daemon = Daemon(demo_config(base_url, DEMO_TASKS), None, web_config)
+        await daemon.serve(*listen)
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags and run; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    if args.config_check:
+        try:
+            config = load_config(args.config_file)
+        except ConfigError as error:
+            print(error, file=sys.stderr)
+            return 1
+        print(f"{args.config_file}: OK, {len(config.tasks)} tasks")
+        return 0
+    try:
+        web_config = load_web_config(args.web_config_file) if args.web_config_file else None
+        if args.demo:
+            asyncio.run(run_demo(args.listen, web_config))
+            return 0
+        config = load_config(args.config_file)
+    except (ConfigError, WebConfigError) as error:
+        log.error("cannot start: invalid configuration\n%s", error)
+        return 1
+    if args.once:
+        return asyncio.run(run_once(config))
+    daemon = Daemon(config, lambda: load_config(args.config_file), web_config)
+    try:
+        asyncio.run(daemon.serve(*args.listen))
+    except OSError as error:
+        log.error("cannot serve on %s: %s", args.listen, error)
+        return 1
+    return 0

@@ -1,0 +1,402 @@
+"""Load the YAML config into frozen dataclasses, reporting every problem with its place.
+
+The file's shape is the product's contract (DESIGN.md, ``config.example.yaml``). Secrets can come
+from ``${VAR}`` or from a ``*_file`` key; files are read again whenever credentials are needed, so
+a rotated secret is picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from yaml.nodes import Node
+
+from exporter.endpoints import default_endpoints, known_regions
+from exporter.yamlnodes import (
+    Problem,
+    Problems,
+    compose,
+    describe,
+    is_null,
+    mapping_items,
+    scalar,
+    sequence_items,
+    string,
+)
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ConfigError(Exception):
+    """The config cannot be used; ``problems`` lists everything that is wrong, in file order."""
+
+    def __init__(self, filename: str, problems: list[Problem]) -> None:
+        self.filename = filename
+        self.problems = sorted(problems, key=lambda p: (p.line, p.column))
+        super().__init__("\n".join(p.render(filename) for p in self.problems))
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret given inline or as a file; the file is read on every ``read()``."""
+
+    value: str | None = field(default=None, repr=False)
+    file: str | None = None
+
+    def read(self) -> str:
+        """Return the secret, re-reading its file so that rotation needs no restart."""
+        if self.file is not None:
+            return Path(self.file).read_text(encoding="utf-8").strip()
+        return self.value or ""
+
+
+@dataclass(frozen=True)
+class AkSkAuth:
+    """Access key / secret key signing (SDK-HMAC-SHA256)."""
+
+    access_key: str
+    secret_key: Secret
+    security_token: Secret | None = None
+
+
+@dataclass(frozen=True)
+class PasswordAuth:
+    """An IAM user whose password buys a project-scoped token."""
+
+    username: str
+    password: Secret
+    domain_name: str
+
+
+Auth = AkSkAuth | PasswordAuth
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """Where the project lives."""
+
+    region: str
+    dcs_endpoint: str
+    iam_endpoint: str
+    project_id: str | None = None  # None: looked up through IAM by project_name
+    project_name: str | None = None  # defaults to the region, the name of its main project
+
+
+@dataclass(frozen=True)
+class PollingConfig:
+    """How often and how hard the cloud API is asked."""
+
+    interval: float = 30.0
+    timeout: float = 10.0
+    concurrency: int = 8
+    details_interval: float = 300.0  # task details (name, status) change rarely
+    stale_intervals: int = 3  # failed polls after which the last good values are dropped
+    max_requests_per_second: float = 10.0  # ceiling per project, shared by all its tasks
+    token_refresh_margin: float = 3600.0
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One migration task to watch."""
+
+    id: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration."""
+
+    cloud: CloudConfig
+    auth: Auth
+    polling: PollingConfig
+    tasks: tuple[TaskConfig, ...]
+
+
+def parse_duration(text: str) -> float | None:
+    """Parse ``1h30m``, ``30s``, ``500ms``, ``2d`` into seconds; None if it is not a duration."""
+    text = text.strip()
+    if not text or _DURATION.sub("", text) != "":
+        return None
+    return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION.findall(text))
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [Problem("", 0, 0, f"cannot read: {exc.strerror}")]) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, filename: str = "config.yaml") -> Config:
+    """Validate config text; raise ConfigError listing every problem."""
+    root, syntax_problem = compose(text)
+    if syntax_problem is not None:
+        raise ConfigError(filename, [syntax_problem])
+    problems = Problems()
+    if root is None:
+        problems.add("", None, "the file is empty; it needs at least cloud, auth and tasks")
+        raise ConfigError(filename, problems.items)
+    sections = mapping_items(root, "", frozenset({"cloud", "auth", "polling", "tasks"}), problems)
+    if sections is None:
+        raise ConfigError(filename, problems.items)
+    cloud = _read_cloud(sections.get("cloud"), root, problems)
+    auth = _read_auth(sections.get("auth"), root, problems)
+    polling = _read_polling(sections.get("polling"), problems)
+    tasks = _read_tasks(sections.get("tasks"), root, problems)
+    if problems.items or cloud is None or auth is None or polling is None or tasks is None:
+        raise ConfigError(filename, problems.items)
+    return Config(cloud=cloud, auth=auth, polling=polling, tasks=tasks)
+
+
+def _required(node: Node | None, parent: Node, path: str, problems: Problems) -> Node | None:
+    """Return a node that must be present and non-null, reporting it otherwise."""
+    if is_null(node):
+        problems.add(path, node if node is not None else parent, "is required")
+        return None
+    return node
+
+
+def _optional_string(node: Node | None, path: str, problems: Problems) -> str | None:
+    """Read an optional string value; absent or null gives None."""
+    if node is None or is_null(node):
+        return None
+    return string(node, path, problems)
+
+
+def _url(node: Node | None, path: str, problems: Problems) -> str | None:
+    """Read an optional http(s) base URL without a trailing slash."""
+    text = _optional_string(node, path, problems)
+    if text is None:
+        return None
+    if not re.match(r"^https?://[^/\s]+", text):
+        problems.add(path, node, f"must be an http(s) URL, not {text!r}")
+        return None
+    return text.rstrip("/")
+
+
+def _read_cloud(node: Node | None, root: Node, problems: Problems) -> CloudConfig | None:
+    """Read the cloud section and fill in the region's default endpoints."""
+    node = _required(node, root, "cloud", problems)
+    if node is None:
+        return None
+    allowed = frozenset({"region", "project_id", "project_name", "dcs_endpoint", "iam_endpoint"})
+    items = mapping_items(node, "cloud", allowed, problems)
+    if items is None:
+        return None
+    region_node = _required(items.get("region"), node, "cloud.region", problems)
+    region = string(region_node, "cloud.region", problems) if region_node else None
+    project_id = _optional_string(items.get("project_id"), "cloud.project_id", problems)
+    if project_id is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", project_id):
+        problems.add("cloud.project_id", items.get("project_id"), "must be 32 hex digits")
+    project_name = _optional_string(items.get("project_name"), "cloud.project_name", problems)
+    dcs = _url(items.get("dcs_endpoint"), "cloud.dcs_endpoint", problems)
+    iam = _url(items.get("iam_endpoint"), "cloud.iam_endpoint", problems)
+    if region is None:
+        return None
+    defaults = default_endpoints(region)
+    if defaults is None and (dcs is None or iam is None):
+        problems.add(
+            "cloud.region",
+            region_node,
+            f"unknown region {region!r}: set cloud.dcs_endpoint and cloud.iam_endpoint, "
+            f"or use one of {', '.join(known_regions())}",
+        )
+        return None
+    return CloudConfig(
+        region=region,
+        dcs_endpoint=dcs or (defaults.dcs if defaults else ""),
+        iam_endpoint=iam or (defaults.iam if defaults else ""),
+        project_id=project_id,
+        project_name=project_name,
+    )
+
+
+def _secret(items: dict[str, Node], key: str, path: str, problems: Problems) -> Secret | None:
+    """Read ``key`` or ``key_file`` (exactly one); a file must exist and be readable now."""
+    inline, file_node = items.get(key), items.get(f"{key}_file")
+    if inline is not None and file_node is not None:
+        problems.add(f"{path}.{key}", inline, f"give either {key} or {key}_file, not both")
+        return None
+    if file_node is not None:
+        file_name = _optional_string(file_node, f"{path}.{key}_file", problems)
+        if file_name is None:
+            return None
+        try:
+            if not Path(file_name).read_text(encoding="utf-8").strip():
+                problems.add(f"{path}.{key}_file", file_node, f"file {file_name} is empty")
+        except OSError as exc:
+            problems.add(
+                f"{path}.{key}_file", file_node, f"cannot read {file_name}: {exc.strerror}"
+            )
+            return None
+        return Secret(file=file_name)
+    value = _optional_string(inline, f"{path}.{key}", problems)
+    if value is None:
+        return None
+    if not value:
+        problems.add(f"{path}.{key}", inline, "is empty")
+    return Secret(value=value)
+
+
+def _read_auth(node: Node | None, root: Node, problems: Problems) -> Auth | None:
+    """Read either AK/SK or IAM password credentials."""
+    node = _required(node, root, "auth", problems)
+    if node is None:
+        return None
+    allowed = frozenset(
+        {
+            "access_key",
+            "secret_key",
+            "secret_key_file",
+            "security_token",
+            "security_token_file",
+            "username",
+            "password",
+            "password_file",
+            "domain_name",
+        }
+    )
+    items = mapping_items(node, "auth", allowed, problems)
+    if items is None:
+        return None
+    if "access_key" in items and "username" in items:
+        problems.add("auth", node, "give either access_key (AK/SK) or username (IAM password)")
+        return None
+    if "access_key" in items:
+        access_key = _optional_string(items["access_key"], "auth.access_key", problems)
+        secret_key = _secret(items, "secret_key", "auth", problems)
+        if secret_key is None and "secret_key" not in items and "secret_key_file" not in items:
+            problems.add(
+                "auth.secret_key", node, "is required with access_key (or secret_key_file)"
+            )
+        token = None
+        if "security_token" in items or "security_token_file" in items:
+            token = _secret(items, "security_token", "auth", problems)
+        if not access_key or secret_key is None:
+            if not access_key:
+                problems.add("auth.access_key", items["access_key"], "is empty")
+            return None
+        return AkSkAuth(access_key=access_key, secret_key=secret_key, security_token=token)
+    if "username" in items:
+        username = _optional_string(items["username"], "auth.username", problems)
+        password = _secret(items, "password", "auth", problems)
+        if password is None and "password" not in items and "password_file" not in items:
+            problems.add("auth.password", node, "is required with username (or password_file)")
+        domain_node = _required(items.get("domain_name"), node, "auth.domain_name", problems)
+        domain = string(domain_node, "auth.domain_name", problems) if domain_node else None
+        if not username or password is None or not domain:
+            return None
+        return PasswordAuth(username=username, password=password, domain_name=domain)
+    problems.add(
+        "auth", node, "needs access_key + secret_key, or username + password + domain_name"
+    )
+    return None
+
+
+def _duration(node: Node, path: str, problems: Problems) -> float | None:
+    """Read a positive duration: ``30s``, ``1m30s``, ``500ms``, or a bare number of seconds."""
+    value = scalar(node, path, problems)
+    seconds: float | None
+    if isinstance(value, bool):
+        seconds = None
+    elif isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = parse_duration(value)
+    else:
+        seconds = None
+    if seconds is None or math.isnan(seconds):
+        if value is not None:
+            problems.add(
+                path, node, f"must be a duration like 30s, 1m or 1h30m, not {describe(node)}"
+            )
+        return None
+    if seconds <= 0 or math.isinf(seconds):
+        problems.add(path, node, f"must be greater than 0, not {node.value}")
+        return None
+    return seconds
+
+
+def _positive_number(node: Node, path: str, problems: Problems, *, integer: bool) -> float | None:
+    """Read a positive number (an int where ``integer``)."""
+    value = scalar(node, path, problems)
+    ok_type = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type) or math.isnan(value):
+        kind = "a whole number" if integer else "a number"
+        problems.add(path, node, f"must be {kind}, not {describe(node)}")
+        return None
+    if value <= 0 or math.isinf(value):
+        problems.add(path, node, f"must be greater than 0, not {value}")
+        return None
+    return float(value)
+
+
+def _read_polling(node: Node | None, problems: Problems) -> PollingConfig | None:
+    """Read the polling section; every key is optional."""
+    defaults = PollingConfig()
+    if node is None or is_null(node):
+        return defaults
+    durations = ("interval", "timeout", "details_interval", "token_refresh_margin")
+    numbers = {"concurrency": True, "stale_intervals": True, "max_requests_per_second": False}
+    items = mapping_items(node, "polling", frozenset((*durations, *numbers)), problems)
+    if items is None:
+        return None
+    values: dict[str, float | int] = {}
+    before = len(problems.items)
+    for key, value_node in items.items():
+        path = f"polling.{key}"
+        if key in durations:
+            seconds = _duration(value_node, path, problems)
+            if seconds is not None:
+                values[key] = seconds
+        elif key in numbers:
+            number = _positive_number(value_node, path, problems, integer=numbers[key])
+            if number is not None:
+                values[key] = int(number) if numbers[key] else number
+    if len(problems.items) > before:
+        return None
+    return PollingConfig(**values)  # type: ignore[arg-type]
+
+
+def _read_tasks(node: Node | None, root: Node, problems: Problems) -> tuple[TaskConfig, ...] | None:
+    """Read the non-empty task list; IDs must be unique quoted strings."""
+    if node is None or is_null(node):
+        problems.add("tasks", node or root, "must be a non-empty list of tasks (each with an id)")
+        return None
+    tasks: list[TaskConfig] = []
+    first_seen: dict[str, int] = {}
+    before = len(problems.items)
+    for path, item in sequence_items(node, "tasks", problems):
+        if is_null(item):
+            problems.add(path, item, "is empty; each task needs an id")
+            continue
+        items = mapping_items(item, path, frozenset({"id", "name"}), problems)
+        if items is None:
+            continue
+        id_node = _required(items.get("id"), item, f"{path}.id", problems)
+        task_id = string(id_node, f"{path}.id", problems) if id_node else None
+        name = _optional_string(items.get("name"), f"{path}.name", problems)
+        if task_id is None:
+            continue
+        if not _TASK_ID.match(task_id):
+            problems.add(f"{path}.id", id_node, f"{task_id!r} is not a task ID")
+            continue
+        line = item.start_mark.line + 1
+        if task_id in first_seen:
+            problems.add(
+                f"{path}.id", id_node, f"duplicate task ID (first on line {first_seen[task_id]})"
+            )
+            continue
+        first_seen[task_id] = line
+        tasks.append(TaskConfig(id=task_id, name=name))
+    if not tasks and len(problems.items) == before:
+        problems.add("tasks", node, "must be a non-empty list of tasks (each with an id)")
+    return tuple(tasks)

@@ -1,0 +1,292 @@
+"""Poll every task in the background and keep its state.
+
+One scheduler runs per project. Every ``interval`` it starts a poll for each task that is due and
+not still busy with its previous poll, so a slow answer never stacks a second request on the same
+task (CASES C13) and never delays the other tasks. A poll never raises: whatever goes wrong is
+classified, counted and logged, and the task shows ``up 0``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+from exporter.client import ApiError, DcsClient, ErrorKind
+from exporter.config import PollingConfig, TaskConfig
+from exporter.state import ExporterState, TaskState
+from exporter.stats import StatsRecord, UnexpectedShape, parse_stats
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 300.0
+# Failures that will not heal by asking again soon: poll these less often.
+_BACKOFF_KINDS = frozenset({ErrorKind.NOT_FOUND, ErrorKind.PERMISSION, ErrorKind.AUTH})
+_LOG_EVERY_NTH_REPEAT = 20
+
+
+class Poller:
+    """Schedules and runs the polls of one project's tasks."""
+
+    def __init__(
+        self,
+        state: ExporterState,
+        client: DcsClient,
+        polling: PollingConfig,
+        tasks: Iterable[TaskConfig],
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.state = state
+        self.client = client
+        self.polling = polling
+        self._monotonic = monotonic
+        self._wall = wall
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._semaphore = asyncio.Semaphore(polling.concurrency)
+        self._task_ids: list[str] = []
+        self._busy: set[str] = set()
+        self._next_due: dict[str, float] = {}
+        self._details_due: dict[str, float] = {}
+        self._overrun_logged: set[str] = set()
+        self._running: set[asyncio.Task[None]] = set()
+        self.set_tasks(tasks)
+
+    # ---- task set ---------------------------------------------------------------------------
+
+    @property
+    def task_ids(self) -> list[str]:
+        """IDs of the tasks this poller owns, in config order."""
+        return list(self._task_ids)
+
+    def set_tasks(self, tasks: Iterable[TaskConfig]) -> None:
+        """Adopt a new task list: new tasks start fresh, removed tasks lose all their series."""
+        wanted = {task.id: task for task in tasks}
+        for task_id in self._task_ids:
+            if task_id not in wanted:
+                self.state.tasks.pop(task_id, None)
+                for table in (self._next_due, self._details_due):
+                    table.pop(task_id, None)
+                log.info("stopped watching task %s", task_id)
+        now = self._monotonic()
+        for task_id, task in wanted.items():
+            existing = self.state.tasks.get(task_id)
+            if existing is None:
+                self.state.tasks[task_id] = TaskState(task_id=task_id, configured_name=task.name)
+                # A little jitter so that many exporters started together do not poll in step.
+                self._next_due[task_id] = now + self._rng.uniform(
+                    0, min(1.0, self.polling.interval / 10)
+                )
+            else:
+                existing.configured_name = task.name
+        self._task_ids = list(wanted)
+        self.state.changed()
+
+    # ---- scheduling -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Poll forever, one round per interval."""
+        # A little jitter so that replicas or exporters started together do not poll in step.
+        await self._sleep(self._rng.uniform(0, min(1.0, self.polling.interval / 10)))
+        while True:
+            started = self._monotonic()
+            self.start_round()
+            # Sleep to the next round boundary, not a full interval after the work.
+            await self._sleep(max(0.0, started + self.polling.interval - self._monotonic()))
+
+    def start_round(self) -> asyncio.Task[None]:
+        """Start the polls that are due now; the returned task ends when they have all ended."""
+        now = self._monotonic()
+        due: list[TaskState] = []
+        for task_id in self._task_ids:
+            task = self.state.tasks.get(task_id)
+            if task is None or self._next_due.get(task_id, 0.0) > now:
+                continue
+            if task_id in self._busy:
+                if task_id not in self._overrun_logged:
+                    log.warning(
+                        "task %s: previous poll still running after %.0fs; skipping this round",
+                        task_id,
+                        self.polling.interval,
+                    )
+                    self._overrun_logged.add(task_id)
+                continue
+            self._overrun_logged.discard(task_id)
+            due.append(task)
+        round_task = asyncio.get_running_loop().create_task(self._round(due))
+        self._running.add(round_task)
+        round_task.add_done_callback(self._running.discard)
+        return round_task
+
+    async def poll_all_once(self) -> bool:
+        """Poll every task now, ignoring the schedule; True when every poll succeeded."""
+        for task_id in self._task_ids:
+            self._next_due[task_id] = 0.0
+        await self.start_round()
+        return all(self.state.tasks[t].up for t in self._task_ids if t in self.state.tasks)
+
+    async def stop(self) -> None:
+        """Cancel polls in flight and wait for them to finish cancelling."""
+        for task in list(self._running):
+            task.cancel()
+        for task in list(self._running):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _round(self, due: list[TaskState]) -> None:
+        for task in due:
+            self._busy.add(task.task_id)
+        try:
+            await asyncio.gather(*(self._guarded_poll(task) for task in due))
+        finally:
+            for task in due:
+                self._busy.discard(task.task_id)
+        self.state.poll_cycles_total += 1
+        self.state.last_cycle_end_monotonic = self._monotonic()
+        self.state.token_refreshes_total = self.client.token_fetches
+        self.state.clock_skew_seconds = self.client.clock_skew
+        self.state.changed()
+
+    async def _guarded_poll(self, task: TaskState) -> None:
+        async with self._semaphore:
+            if self.state.tasks.get(task.task_id) is not task:
+                return  # removed by a reload while it waited
+            await self.poll_task(task)
+
+    # ---- one poll ---------------------------------------------------------------------------
+
+    async def poll_task(self, task: TaskState) -> None:
+        """Poll one task's stats (and details when due) and record the outcome; never raises."""
+        started = self._monotonic()
+        task.polls_total += 1
+        try:
+            await self._refresh_details(task, started)
+            body = await self.client.get_stats(task.task_id)
+            record = parse_stats(body)
+        except ApiError as error:
+            self._record_failure(task, error.kind, str(error), started, error)
+        except UnexpectedShape as error:
+            self._record_failure(task, ErrorKind.UNEXPECTED_SHAPE, str(error), started)
+        except Exception as error:  # a bug must not end the loop (CASES C30)
+            log.exception("task %s: unexpected error while polling", task.task_id)
+            message = f"{type(error).__name__}: {error}"
+            self._record_failure(task, ErrorKind.INTERNAL, message, started, logged=True)
+        else:
+            self._record_success(task, record, started)
+        self.state.changed()
+
+    async def _refresh_details(self, task: TaskState, now: float) -> None:
+        """Fetch name and status now and then; a failure here does not fail the stats poll."""
+        if self._details_due.get(task.task_id, 0.0) > now:
+            return
+        try:
+            task.details = await self.client.get_task(task.task_id)
+            self._details_due[task.task_id] = now + self.polling.details_interval
+        except ApiError as error:
+            if error.gone:
+                raise  # the stats call would say the same; report it once, as the stats failure
+            self._count_api_error(task, error)
+            log.warning("task %s: details unavailable: %s", task.task_id, error)
+            # Try again after one interval rather than a whole details interval.
+            self._details_due[task.task_id] = now + self.polling.interval
+
+    def _record_success(self, task: TaskState, record: StatsRecord, started: float) -> None:
+        now = self._monotonic()
+        if not task.up and task.consecutive_failures:
+            log.info(
+                "task %s: polling works again after %d failures",
+                task.task_id,
+                task.consecutive_failures,
+            )
+        self._log_field_problems(task, record)
+        task.record = record
+        task.polled = task.up = True
+        task.gone = False
+        task.consecutive_failures = 0
+        task.last_error = task.last_reason = None
+        task.last_success_time = self._wall()
+        task.last_success_monotonic = now
+        task.last_poll_duration = now - started
+        for problem in record.problems:
+            task.parse_errors[problem.field] += 1
+        self._next_due[task.task_id] = started + self.polling.interval
+
+    def _log_field_problems(self, task: TaskState, record: StatsRecord) -> None:
+        """Warn when a field's problem first appears or changes; repeats stay quiet."""
+        previous = task.record
+        before = {p.field: p for p in previous.problems} if previous else {}
+        for problem in record.problems:
+            if before.get(problem.field) != problem:
+                log.warning("task %s: %s", task.task_id, problem.describe())
+        earlier_imprecise = set(previous.imprecise_fields) if previous else set()
+        for name in record.imprecise_fields:
+            if name not in earlier_imprecise:
+                log.warning(
+                    "task %s: field %s is above 2^53; Prometheus stores float64, so changes "
+                    "smaller than its precision are invisible and a stalled-offset alert may fire",
+                    task.task_id,
+                    name,
+                )
+
+    def _record_failure(
+        self,
+        task: TaskState,
+        kind: ErrorKind,
+        message: str,
+        started: float,
+        error: ApiError | None = None,
+        *,
+        logged: bool = False,
+    ) -> None:
+        now = self._monotonic()
+        task.polled = True
+        task.up = False
+        task.consecutive_failures += 1
+        task.last_poll_duration = now - started
+        task.poll_errors[kind.value] += 1
+        if error is not None:
+            self._count_api_error(task, error)
+        repeated = task.last_reason == kind.value and task.last_error == message
+        task.last_error, task.last_reason = message, kind.value
+        if not logged and (not repeated or task.consecutive_failures % _LOG_EVERY_NTH_REPEAT == 0):
+            suffix = f" ({task.consecutive_failures} failures in a row)" if repeated else ""
+            log.warning(
+                "task %s: poll failed [%s]: %s%s", task.task_id, kind.value, message, suffix
+            )
+        if error is not None and error.gone:
+            if not task.gone:
+                log.warning(
+                    "task %s: the cloud says it does not exist; dropping its values", task.task_id
+                )
+            task.gone = True
+            task.record = task.details = None
+        elif self._is_stale(task, now):
+            task.record = None
+        delay = self.polling.interval
+        if kind in _BACKOFF_KINDS:
+            delay = min(MAX_BACKOFF_SECONDS, delay * 2 ** min(task.consecutive_failures - 1, 16))
+            delay = max(delay, self.polling.interval)
+        self._next_due[task.task_id] = started + delay
+
+    def _is_stale(self, task: TaskState, now: float) -> bool:
+        """Last good values are kept for ``stale_intervals`` intervals, then dropped."""
+        if task.last_success_monotonic is None:
+            return True
+        return (
+            now - task.last_success_monotonic
+            >= self.polling.stale_intervals * self.polling.interval
+        )
+
+    def _count_api_error(self, task: TaskState, error: ApiError) -> None:
+        """Count error answers (and timeouts, connection failures); a broken 200 is not one."""
+        if error.status is not None and 200 <= error.status < 300:
+            return
+        code = self.state.code_label(error.code)
+        task.api_errors[(error.status_label, code)] += 1

@@ -1,0 +1,194 @@
+"""HTTP endpoints: ``/metrics``, ``/``, ``/healthz``, ``/ready`` and ``POST /-/reload``.
+
+Nothing here waits on the cloud: every page is built from the state the poller keeps. The
+rendering of the exporter's own families is reused until the state changes, so scrapes stay cheap
+however often they come.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    generate_latest,
+)
+from prometheus_client.openmetrics.exposition import (
+    CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE,
+)
+from prometheus_client.openmetrics.exposition import (
+    generate_latest as generate_openmetrics,
+)
+
+from exporter import __version__
+from exporter.collector import DcsCollector
+from exporter.state import ExporterState
+from exporter.web_config import WebConfig, auth_middleware
+
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_EOF = b"# EOF\n"
+Reload = Callable[[], Awaitable[str | None]]  # returns None on success, else the error
+
+
+@dataclass(frozen=True)
+class Health:
+    """Whether the scheduler is alive and has finished a round."""
+
+    ready: bool
+    alive: bool
+    detail: str
+
+
+def health(state: ExporterState, max_cycle_age: float, started: float, now: float) -> Health:
+    """Judge the scheduler by its heartbeat: a round must finish every ``max_cycle_age`` seconds."""
+    last = state.last_cycle_end_monotonic
+    if last is None:
+        waited = now - started
+        alive = waited < max_cycle_age
+        return Health(False, alive, f"no polling round finished yet ({waited:.0f}s since start)")
+    age = now - last
+    if age > max_cycle_age:
+        return Health(False, False, f"last polling round finished {age:.0f}s ago")
+    return Health(True, True, f"last polling round finished {age:.0f}s ago")
+
+
+class MetricsRenderer:
+    """Renders the exposition, reusing the exporter's part until the state version moves."""
+
+    def __init__(self, state: ExporterState) -> None:
+        self.state = state
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(DcsCollector(state))
+        self._cache: dict[bool, tuple[int, bytes]] = {}
+
+    def render(self, openmetrics: bool) -> bytes:
+        """The full exposition in the chosen format."""
+        cached = self._cache.get(openmetrics)
+        if cached is None or cached[0] != self.state.version:
+            generate = generate_openmetrics if openmetrics else generate_latest
+            body = generate(self._registry)
+            if openmetrics:
+                body = body.removesuffix(_EOF)
+            cached = (self.state.version, body)
+            self._cache[openmetrics] = cached
+        # Process metrics change between scrapes; they are few and cheap to render.
+        process = (generate_openmetrics if openmetrics else generate_latest)(_process_registry)
+        return cached[1] + process
+
+
+_process_registry = CollectorRegistry(auto_describe=False)
+for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+    _process_registry.register(_collector)
+
+
+def _wants_openmetrics(accept: str) -> bool:
+    return "application/openmetrics-text" in accept
+
+
+def _wants_gzip(accept_encoding: str) -> bool:
+    return any(part.split(";")[0].strip() == "gzip" for part in accept_encoding.split(","))
+
+
+def create_app(
+    state: ExporterState,
+    *,
+    web_config: WebConfig | None = None,
+    max_cycle_age: float = 90.0,
+    reload: Reload | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> web.Application:
+    """Build the aiohttp application serving the exporter's pages."""
+    renderer = MetricsRenderer(state)
+    started = monotonic()
+    # Probes stay open: they reveal nothing, and kubelet probes rarely carry credentials.
+    open_paths = frozenset({"/healthz", "/ready"})
+    middlewares = [auth_middleware(web_config, open_paths)] if web_config is not None else []
+    app = web.Application(middlewares=middlewares)
+
+    async def metrics(request: web.Request) -> web.Response:
+        openmetrics = _wants_openmetrics(request.headers.get("Accept", ""))
+        body = renderer.render(openmetrics)
+        content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE
+        headers = {"Content-Type": content_type}
+        if _wants_gzip(request.headers.get("Accept-Encoding", "")):
+            body = gzip.compress(body, compresslevel=1)  # fast; exposition text compresses well
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+    def _health() -> Health:
+        return health(state, max_cycle_age, started, monotonic())
+
+    async def healthz(request: web.Request) -> web.Response:
+        result = _health()
+        return web.Response(status=200 if result.alive else 503, text=f"{result.detail}\n")
+
+    async def ready(request: web.Request) -> web.Response:
+        result = _health()
+        return web.Response(status=200 if result.ready else 503, text=f"{result.detail}\n")
+
+    async def do_reload(request: web.Request) -> web.Response:
+        if reload is None:
+            return web.Response(status=404, text="reload is not available\n")
+        error = await reload()
+        if error is None:
+            return web.Response(text="configuration reloaded\n")
+        return web.Response(status=400, text=f"configuration rejected, old one kept:\n{error}\n")
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=landing_page(state), content_type="text/html")
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/ready", ready)
+    app.router.add_post("/-/reload", do_reload)
+    app.router.add_get("/", index)
+    return app
+
+
+def landing_page(state: ExporterState) -> str:
+    """A plain HTML page with links and one row per task."""
+    rows = []
+    for task in state.tasks.values():
+        record = task.record
+        progress = (
+            f"{record.progress_ratio * 100:.1f} %"
+            if record and record.progress_ratio is not None
+            else "–"
+        )
+        offset = f"{record.offset:.0f}" if record and record.offset is not None else "–"
+        status = task.details.status if task.details else ""
+        health_text = "up" if task.up else (task.last_reason or "not polled yet")
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(cell)}</td>"
+                for cell in (
+                    task.display_name,
+                    task.task_id,
+                    status,
+                    progress,
+                    offset,
+                    health_text,
+                )
+            )
+            + "</tr>"
+        )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>DCS migration exporter</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body><h1>DCS migration exporter</h1>
+<p>Version {html.escape(__version__)}. <a href="/metrics">Metrics</a> · <a href="/healthz">Health</a>
+· <a href="/ready">Readiness</a></p>
+<table><thead><tr><th>Name</th><th>Task ID</th><th>Status</th><th>Progress</th><th>Offset</th>
+<th>Poll</th></tr></thead><tbody>
+{"".join(rows)}
+</tbody></table></body></html>
+"""
