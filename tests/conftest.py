@@ -1,0 +1,31 @@
+"""Shared fixtures: a simulator on loopback, and an HTTP session like the daemon's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from exporter.simulator import Simulator, start
+from tests.support import BASELINE_BODY, PROJ, TASK_A, TASK_B, SimServer
+
+
+@pytest.fixture
+async def sim_server() -> AsyncIterator[SimServer]:
+    """A simulator for project PROJ with TASK_A and TASK_B serving the baseline body."""
+    sim = Simulator(project_id=PROJ)
+    sim.add_task(TASK_A, "task-a", body=dict(BASELINE_BODY))
+    sim.add_task(TASK_B, "task-b", body=dict(BASELINE_BODY))
+    runner, url = await start(sim)
+    try:
+        yield SimServer(sim, url)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session like the daemon's (proxy settings from the environment)."""
+    async with aiohttp.ClientSession(trust_env=True) as session:
+        yield session

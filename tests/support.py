@@ -1,0 +1,84 @@
+"""Helpers shared by tests: CASES.md placeholders and configs that point at a simulator."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from exporter.client import DcsClient
+from exporter.config import AkSkAuth, CloudConfig, Config, PollingConfig, Secret, TaskConfig
+from exporter.simulator import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Simulator
+from exporter.throttle import Throttle
+
+TASK_A = "aaaaaaaa-0000-4000-8000-000000000001"
+TASK_B = "aaaaaaaa-0000-4000-8000-000000000002"
+TASK_C = "aaaaaaaa-0000-4000-8000-000000000003"
+PROJ = "0000000000000000000000000000abcd"
+BASELINE_BODY: dict[str, Any] = {
+    "full_migration_progress": "45",
+    "offset": "5000",
+    "source_dbsize": "1000",
+    "target_dbsize": "450",
+    "target_input_kbps": "12.5",
+    "target_ops": "300",
+    "is_migrating": True,
+}
+
+
+@dataclass
+class SimServer:
+    """A running simulator and the URL it answers on."""
+
+    sim: Simulator
+    url: str
+
+
+def make_config(url: str, task_ids: tuple[str, ...] = (TASK_A, TASK_B), **polling: Any) -> Config:
+    """A config with AK/SK auth against a simulator; ``polling`` overrides PollingConfig fields."""
+    return Config(
+        cloud=CloudConfig(
+            region="eu-de", dcs_endpoint=url, iam_endpoint=f"{url}/v3", project_id=PROJ
+        ),
+        auth=AkSkAuth(access_key=DEMO_ACCESS_KEY, secret_key=Secret(value=DEMO_SECRET_KEY)),
+        polling=replace(PollingConfig(interval=10.0, timeout=2.0), **polling),
+        tasks=tuple(TaskConfig(id=task_id) for task_id in task_ids),
+    )
+
+
+def config_yaml(url: str, task_ids: tuple[str, ...] = (TASK_A, TASK_B), extra: str = "") -> str:
+    """The same config as YAML text, for tests that start the daemon from a file."""
+    tasks = "\n".join(f'  - id: "{task_id}"' for task_id in task_ids)
+    text = f"""\
+    cloud:
+      region: eu-de
+      project_id: "{PROJ}"
+      dcs_endpoint: {url}
+      iam_endpoint: {url}/v3
+    auth:
+      access_key: {DEMO_ACCESS_KEY}
+      secret_key: {DEMO_SECRET_KEY}
+    """
+    return textwrap.dedent(text) + extra + f"tasks:\n{tasks}\n"
+
+
+def write_config(directory: Path, url: str, *args: Any, **kwargs: Any) -> Path:
+    """Write config_yaml(...) to directory/config.yaml and return its path."""
+    path = directory / "config.yaml"
+    path.write_text(config_yaml(url, *args, **kwargs), encoding="utf-8")
+    return path
+
+
+def make_client(session: aiohttp.ClientSession, config: Config) -> DcsClient:
+    """A DcsClient for a config, with its own throttle."""
+    return DcsClient(
+        session,
+        config.cloud,
+        config.auth,
+        timeout=config.polling.timeout,
+        throttle=Throttle(config.polling.max_requests_per_second),
+        token_refresh_margin=config.polling.token_refresh_margin,
+    )
