@@ -137,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as error:
             print(error, file=sys.stderr)
             return 1
-        print(f"{args.config_file}: OK, {len(config.tasks)} tasks")
+        count = len(config.tasks)
+        print(f"{args.config_file}: OK, {count} task{'' if count == 1 else 's'}")
         return 0
     try:
         web_config = load_web_config(args.web_config_file) if args.web_config_file else None
