@@ -112,7 +112,8 @@ class CannedResponse:
     ``body`` is JSON-serialised unless it is ``bytes`` or ``str`` (sent as is); ``None`` sends an
     empty body (pass ``"null"`` for a JSON null). ``delay`` is real time, since the client's timeout
     is. ``hang``, ``partial`` and ``reset`` happen after the delay; a stalled reply ends when the
-    client goes away or the server shuts down.
+    client goes away or the server shuts down. Note that aiohttp's client (3.14) silently retries an
+    idempotent request once after a disconnect, so a GET only fails after two resets in a row.
     """
 
     status: int = 200
@@ -122,7 +123,7 @@ class CannedResponse:
     delay: float = 0.0
     hang: bool = False  # accept and read the request, never answer (C12a)
     partial: bytes | None = None  # headers + these bytes, then stall (C12b)
-    reset: bool = False  # close the connection with a TCP reset and no response
+    reset: bool = False  # close the connection with a TCP reset and no response (see above)
 
 
 @dataclass(frozen=True)
