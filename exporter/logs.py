@@ -27,36 +27,33 @@ def _logfmt_value(value: str) -> str:
     return f'"{escaped}"'
 
 
+def _fields(record: logging.LogRecord) -> dict[str, str]:
+    """The fields of one log line; a traceback goes into ``err`` so that it stays on that line."""
+    fields = {
+        "ts": _timestamp(record),
+        "level": _level_name(record),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    if record.exc_info:
+        fields["err"] = "".join(traceback.format_exception(*record.exc_info)).strip()
+    return fields
+
+
 class LogfmtFormatter(logging.Formatter):
     """``ts=... level=warn logger=exporter.poller msg="..."``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        """One logfmt line; a traceback goes into an ``err`` field on the same line."""
-        fields = {
-            "ts": _timestamp(record),
-            "level": _level_name(record),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            fields["err"] = "".join(traceback.format_exception(*record.exc_info)).strip()
-        return " ".join(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
+        """One logfmt line."""
+        return " ".join(f"{key}={_logfmt_value(value)}" for key, value in _fields(record).items())
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        """Serialise the record's message and context."""
-        fields = {
-            "ts": _timestamp(record),
-            "level": _level_name(record),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            fields["err"] = "".join(traceback.format_exception(*record.exc_info)).strip()
-        return json.dumps(fields, ensure_ascii=False)
+        """One JSON line."""
+        return json.dumps(_fields(record), ensure_ascii=False)
 
 
 def setup_logging(level: str, fmt: str) -> None:
