@@ -7,10 +7,16 @@
 - ``processes``: starts subprocesses with their output in files under ``tmp_path`` and stops each
   one (by its own PID) at teardown; ``processes.output(proc)`` returns what it printed.
 - ``wait_until(check, timeout, what)``: polls ``check()`` until it returns a truthy value.
+- ``start_exporter(*flags)``: runs ``python -m exporter`` on a free loopback port, waits for
+  ``/metrics``, returns its base URL.
+- ``start_prometheus(config)``: runs a real Prometheus (Debian package) with ``config`` (a dict for
+  prometheus.yml) on a free loopback port with its TSDB in ``tmp_path``; returns a ``Prometheus``
+  with ``query(expr)`` over ``/api/v1/query``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,11 +24,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,6 +135,8 @@ def _wait_until(check: Callable[[], Any], timeout: float, what: str, interval: f
     while True:
         try:
             result = check()
+        except AssertionError:
+            raise
         except Exception as exc:  # the thing we wait for may not accept connections yet
             last_error = exc
             result = None
@@ -139,3 +151,100 @@ def _wait_until(check: Callable[[], Any], timeout: float, what: str, interval: f
 def wait_until() -> Callable[..., Any]:
     """Return a poller: wait_until(check, timeout, what) -> check()'s first truthy result."""
     return _wait_until
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET ``url``; returns (status, body) for any HTTP status, raises on connection errors."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@pytest.fixture
+def start_exporter(
+    processes: Processes, free_port: Callable[[], int]
+) -> Callable[..., tuple[str, subprocess.Popen[bytes]]]:
+    """Return a starter for the real daemon (``python -m exporter FLAGS``) on a loopback port."""
+
+    def start(*flags: str) -> tuple[str, subprocess.Popen[bytes]]:
+        port = free_port()
+        proc = processes.start(
+            "exporter",
+            [sys.executable, "-m", "exporter", *flags, "--web.listen-address", f"127.0.0.1:{port}"],
+            cwd=ROOT,
+        )
+        url = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"exporter exited:\n{processes.output(proc)}")
+            return http_get(f"{url}/metrics")[0] == 200
+
+        try:
+            _wait_until(answers, 20, "the exporter's /metrics")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{processes.all_output()}") from None
+        return url, proc
+
+    return start
+
+
+class Prometheus:
+    """A running Prometheus reachable over its HTTP API."""
+
+    def __init__(self, url: str, proc: subprocess.Popen[bytes]) -> None:
+        self.url = url
+        self.proc = proc
+
+    def api(self, path: str, **params: str) -> tuple[int, dict[str, Any]]:
+        """GET /api/v1/<path> with query parameters; returns (HTTP status, decoded JSON)."""
+        query = urllib.parse.urlencode(params)
+        status, body = http_get(f"{self.url}/api/v1/{path}?{query}")
+        return status, json.loads(body)
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Run an instant query that must succeed; return its result list."""
+        status, body = self.api("query", query=expr)
+        assert status == 200 and body["status"] == "success", f"{expr}: {status} {body}"
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+
+@pytest.fixture
+def start_prometheus(
+    processes: Processes, tool: Callable[[str], str], free_port: Callable[[], int], tmp_path: Path
+) -> Callable[[dict[str, Any]], Prometheus]:
+    """Return a starter for a real Prometheus with the given prometheus.yml content."""
+
+    def start(config: dict[str, Any]) -> Prometheus:
+        prometheus, promtool = tool("prometheus"), tool("promtool")
+        config_file = tmp_path / "prometheus.yml"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        check = subprocess.run(
+            [promtool, "check", "config", str(config_file)], capture_output=True, text=True
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        port = free_port()
+        proc = processes.start(
+            "prometheus",
+            [
+                prometheus,
+                f"--config.file={config_file}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--web.enable-lifecycle",
+            ],
+        )
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"prometheus exited:\n{processes.output(proc)}")
+            return http_get(f"{url}/-/ready")[0] == 200
+
+        _wait_until(ready, 20, "Prometheus /-/ready")
+        return Prometheus(url, proc)
+
+    return start
