@@ -1,9 +1,16 @@
 """Poll every task in the background and keep its state.
 
-One scheduler runs per project. Every ``interval`` it starts a poll for each task that is due and
-not still busy with its previous poll, so a slow answer never stacks a second request on the same
-task (CASES C13) and never delays the other tasks. A poll never raises: whatever goes wrong is
-classified, counted and logged, and the task shows ``up 0``.
+One scheduler runs per project. Every ``interval`` (on a fixed grid, so the cadence does not drift)
+it starts a poll for each task that is due and not still busy with its previous poll, so a slow
+answer never stacks a second request on the same task (CASES C13) and never delays the other tasks.
+A poll never raises: whatever goes wrong is classified, counted and logged, and the task shows
+``up 0``.
+
+Series lifecycle: a failed poll sets ``up 0`` at once. The last good values stay until
+``stale_intervals`` polls in a row have failed or ``stale_intervals`` intervals have passed since
+the last success, whichever comes first, and are then dropped (CASES C29). A task the cloud says
+is gone (DCS.4133) loses its values at the first such answer (C11); a task removed from the config
+loses every series (C26).
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ MAX_BACKOFF_SECONDS = 300.0
 # Failures that will not heal by asking again soon: poll these less often.
 _BACKOFF_KINDS = frozenset({ErrorKind.NOT_FOUND, ErrorKind.PERMISSION, ErrorKind.AUTH})
 _LOG_EVERY_NTH_REPEAT = 20
+# A task whose due time is this close (as a fraction of the interval) to the round is polled in it:
+# timers fire a little early or late, and a task must not slip to the round after.
+_DUE_SLACK = 0.1
 
 
 class Poller:
@@ -51,12 +61,14 @@ class Poller:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._semaphore = asyncio.Semaphore(polling.concurrency)
-        self._task_ids: list[str] = []
         self._busy: set[str] = set()
         self._next_due: dict[str, float] = {}
         self._details_due: dict[str, float] = {}
         self._overrun_logged: set[str] = set()
         self._running: set[asyncio.Task[None]] = set()
+        # Tasks already in the state (a reload that replaced the poller) are this poller's to keep
+        # or drop: a task missing from the new list must lose its series here too.
+        self._task_ids: list[str] = list(state.tasks)
         self.set_tasks(tasks)
 
     # ---- task set ---------------------------------------------------------------------------
@@ -74,16 +86,14 @@ class Poller:
                 self.state.tasks.pop(task_id, None)
                 for table in (self._next_due, self._details_due):
                     table.pop(task_id, None)
+                self._overrun_logged.discard(task_id)
                 log.info("stopped watching task %s", task_id)
-        now = self._monotonic()
         for task_id, task in wanted.items():
             existing = self.state.tasks.get(task_id)
             if existing is None:
                 self.state.tasks[task_id] = TaskState(task_id=task_id, configured_name=task.name)
-                # A little jitter so that many exporters started together do not poll in step.
-                self._next_due[task_id] = now + self._rng.uniform(
-                    0, min(1.0, self.polling.interval / 10)
-                )
+                # Due at the next round; run() already starts with a little jitter.
+                self._next_due[task_id] = 0.0
             else:
                 existing.configured_name = task.name
         self._task_ids = list(wanted)
@@ -95,32 +105,39 @@ class Poller:
         """Poll forever, one round per interval."""
         # A little jitter so that replicas or exporters started together do not poll in step.
         await self._sleep(self._rng.uniform(0, min(1.0, self.polling.interval / 10)))
+        next_round = self._monotonic()
         while True:
-            started = self._monotonic()
             self.start_round()
-            # Sleep to the next round boundary, not a full interval after the work.
-            await self._sleep(max(0.0, started + self.polling.interval - self._monotonic()))
+            # Rounds sit on a fixed grid; after a stall (a blocked loop) skip the missed ones.
+            next_round += self.polling.interval
+            now = self._monotonic()
+            if next_round < now:
+                next_round = now
+            await self._sleep(next_round - now)
 
     def start_round(self) -> asyncio.Task[None]:
         """Start the polls that are due now; the returned task ends when they have all ended."""
         now = self._monotonic()
+        self._expire_stale(now)
         due: list[TaskState] = []
+        horizon = now + _DUE_SLACK * self.polling.interval
         for task_id in self._task_ids:
             task = self.state.tasks.get(task_id)
-            if task is None or self._next_due.get(task_id, 0.0) > now:
+            if task is None or self._next_due.get(task_id, 0.0) > horizon:
                 continue
             if task_id in self._busy:
                 if task_id not in self._overrun_logged:
                     log.warning(
-                        "task %s: previous poll still running after %.0fs; skipping this round",
+                        "task %s: previous poll still running after %gs; skipping this round",
                         task_id,
                         self.polling.interval,
                     )
                     self._overrun_logged.add(task_id)
                 continue
             self._overrun_logged.discard(task_id)
+            self._busy.add(task_id)  # now, not when the round starts running: no double start
             due.append(task)
-        round_task = asyncio.get_running_loop().create_task(self._round(due))
+        round_task = asyncio.get_running_loop().create_task(self._round(due, now))
         self._running.add(round_task)
         round_task.add_done_callback(self._running.discard)
         return round_task
@@ -139,48 +156,65 @@ class Poller:
         for task in list(self._running):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._busy.clear()  # a round cancelled before it ran never reached its cleanup
 
-    async def _round(self, due: list[TaskState]) -> None:
-        for task in due:
-            self._busy.add(task.task_id)
-        try:
-            await asyncio.gather(*(self._guarded_poll(task) for task in due))
-        finally:
-            for task in due:
-                self._busy.discard(task.task_id)
+    def _expire_stale(self, now: float) -> None:
+        """Drop the values of failing tasks once they are too old, even while no poll ends."""
+        for task in self.state.tasks.values():
+            if task.record is not None and not task.up and self._is_stale(task, now):
+                log.info("task %s: dropping its last values, they are too old", task.task_id)
+                task.record = None
+                self.state.changed()
+
+    async def _round(self, due: list[TaskState], scheduled: float) -> None:
+        await asyncio.gather(*(self._guarded_poll(task, scheduled) for task in due))
         self.state.poll_cycles_total += 1
         self.state.last_cycle_end_monotonic = self._monotonic()
-        self.state.token_refreshes_total = self.client.token_fetches
-        self.state.clock_skew_seconds = self.client.clock_skew
         self.state.changed()
 
-    async def _guarded_poll(self, task: TaskState) -> None:
-        async with self._semaphore:
-            if self.state.tasks.get(task.task_id) is not task:
-                return  # removed by a reload while it waited
-            await self.poll_task(task)
+    async def _guarded_poll(self, task: TaskState, scheduled: float) -> None:
+        try:
+            async with self._semaphore:
+                if self.state.tasks.get(task.task_id) is not task:
+                    return  # removed by a reload while it waited
+                await self.poll_task(task, scheduled)
+        except Exception:  # poll_task never raises; if it does, the round must still end
+            log.exception("task %s: bug in the poller", task.task_id)
+        finally:
+            # Per task, not per round: a slow task must not hold back the others' next polls.
+            self._busy.discard(task.task_id)
+            self.state.token_refreshes_total = self.client.token_fetches
+            self.state.clock_skew_seconds = self.client.clock_skew
 
     # ---- one poll ---------------------------------------------------------------------------
 
-    async def poll_task(self, task: TaskState) -> None:
-        """Poll one task's stats (and details when due) and record the outcome; never raises."""
+    async def poll_task(self, task: TaskState, scheduled: float | None = None) -> None:
+        """Poll one task's stats (then its details when due) and record the outcome; never raises.
+
+        ``scheduled`` is the round the poll belongs to; the next poll is due an interval (or a
+        backoff) after it, so that the task stays on the round grid.
+        """
         started = self._monotonic()
+        if scheduled is None:
+            scheduled = started
         task.polls_total += 1
         try:
-            await self._refresh_details(task, started)
             body = await self.client.get_stats(task.task_id)
             record = parse_stats(body)
         except ApiError as error:
-            self._record_failure(task, error.kind, str(error), started, error)
+            self._record_failure(task, error.kind, str(error), started, scheduled, error)
         except UnexpectedShape as error:
-            self._record_failure(task, ErrorKind.UNEXPECTED_SHAPE, str(error), started)
+            self._record_failure(task, ErrorKind.UNEXPECTED_SHAPE, str(error), started, scheduled)
         except Exception as error:  # a bug must not end the loop (CASES C30)
             log.exception("task %s: unexpected error while polling", task.task_id)
             message = f"{type(error).__name__}: {error}"
-            self._record_failure(task, ErrorKind.INTERNAL, message, started, logged=True)
+            self._record_failure(task, ErrorKind.INTERNAL, message, started, scheduled, logged=True)
         else:
-            self._record_success(task, record, started)
+            self._record_success(task, record, started, scheduled)
         self.state.changed()
+        if task.up:
+            # After the stats, so that a slow details call never delays or fails a stats poll.
+            await self._refresh_details(task, started)
 
     async def _refresh_details(self, task: TaskState, now: float) -> None:
         """Fetch name and status now and then; a failure here does not fail the stats poll."""
@@ -190,14 +224,20 @@ class Poller:
             task.details = await self.client.get_task(task.task_id)
             self._details_due[task.task_id] = now + self.polling.details_interval
         except ApiError as error:
-            if error.gone:
-                raise  # the stats call would say the same; report it once, as the stats failure
             self._count_api_error(task, error)
             log.warning("task %s: details unavailable: %s", task.task_id, error)
+            if error.gone:
+                task.details = None
             # Try again after one interval rather than a whole details interval.
             self._details_due[task.task_id] = now + self.polling.interval
+        except Exception:
+            log.exception("task %s: unexpected error while reading its details", task.task_id)
+            self._details_due[task.task_id] = now + self.polling.interval
+        self.state.changed()
 
-    def _record_success(self, task: TaskState, record: StatsRecord, started: float) -> None:
+    def _record_success(
+        self, task: TaskState, record: StatsRecord, started: float, scheduled: float
+    ) -> None:
         now = self._monotonic()
         if not task.up and task.consecutive_failures:
             log.info(
@@ -216,7 +256,7 @@ class Poller:
         task.last_poll_duration = now - started
         for problem in record.problems:
             task.parse_errors[problem.field] += 1
-        self._next_due[task.task_id] = started + self.polling.interval
+        self._next_due[task.task_id] = scheduled + self.polling.interval
 
     def _log_field_problems(self, task: TaskState, record: StatsRecord) -> None:
         """Warn when a field's problem first appears or changes; repeats stay quiet."""
@@ -241,6 +281,7 @@ class Poller:
         kind: ErrorKind,
         message: str,
         started: float,
+        scheduled: float,
         error: ApiError | None = None,
         *,
         logged: bool = False,
@@ -267,16 +308,24 @@ class Poller:
                 )
             task.gone = True
             task.record = task.details = None
-        elif self._is_stale(task, now):
+            self._details_due[task.task_id] = 0.0  # should it come back, show its details soon
+        elif task.record is not None and (
+            task.consecutive_failures >= self.polling.stale_intervals or self._is_stale(task, now)
+        ):
+            log.info(
+                "task %s: dropping its last values after %d failed polls",
+                task.task_id,
+                task.consecutive_failures,
+            )
             task.record = None
         delay = self.polling.interval
         if kind in _BACKOFF_KINDS:
             delay = min(MAX_BACKOFF_SECONDS, delay * 2 ** min(task.consecutive_failures - 1, 16))
             delay = max(delay, self.polling.interval)
-        self._next_due[task.task_id] = started + delay
+        self._next_due[task.task_id] = scheduled + delay
 
     def _is_stale(self, task: TaskState, now: float) -> bool:
-        """Last good values are kept for ``stale_intervals`` intervals, then dropped."""
+        """Whether the last good values are older than ``stale_intervals`` intervals."""
         if task.last_success_monotonic is None:
             return True
         return (
