@@ -60,6 +60,7 @@ __all__ = [
     "MigrationModel",
     "RequestRecord",
     "Simulator",
+    "StatsSource",
     "demo_simulator",
     "main",
     "start",
@@ -87,6 +88,8 @@ DEMO_TASKS: tuple[tuple[str, str], ...] = (
 )
 
 AuthKind = Literal["aksk", "token", "password", "none"]
+# A live stats body, e.g. read from real Redis servers (exporter.redis_demo).
+StatsSource = Callable[[], Awaitable[Mapping[str, object]]]
 
 _POLL_SECONDS = 0.05  # how often a stalled reply looks whether its client has gone
 _PARTIAL_MISSING = 64  # bytes a partial reply promises in Content-Length but never sends
@@ -228,6 +231,7 @@ class _Task:
     started: float  # clock() when the model's elapsed time was 0
     model: MigrationModel
     fixed: CannedResponse | None  # set_body(): served instead of the model
+    source: StatsSource | None = None  # add_task(stats=...): a live body, before fixed and model
 
 
 @dataclass
@@ -396,11 +400,13 @@ class Simulator:
         source_name: str | None = None,
         target_name: str | None = None,
         started_ago: float = 0.0,
+        stats: StatsSource | None = None,
     ) -> None:
-        """Add (or replace) a task; its stats come from ``body`` if given, else from ``model``.
+        """Add (or replace) a task; its stats come from ``stats``, else ``body``, else ``model``.
 
-        Without either, a default model seeded by the task id is used. ``started_ago`` ages the
-        model, e.g. past ``full_phase_seconds`` to start in the incremental phase.
+        Without any, a default model seeded by the task id is used. ``started_ago`` ages the
+        model, e.g. past ``full_phase_seconds`` to start in the incremental phase. ``stats`` is
+        awaited on every stats call (scripted replies still come first).
         """
         self._tasks[task_id] = _Task(
             task_id=task_id,
@@ -412,6 +418,7 @@ class Simulator:
             started=self._clock() - started_ago,
             model=model or _default_model(task_id),
             fixed=None if body is None else CannedResponse(body=body),
+            source=stats,
         )
 
     def set_body(self, task_id: str, body: object) -> None:
@@ -713,6 +720,8 @@ class Simulator:
             task = self._tasks.get(task_id)
             if task is None:
                 return _dcs_error(400, "DCS.4133", "Instance job is not found.")
+            if task.source is not None:
+                return web.json_response(dict(await task.source()))
             if task.fixed is not None:
                 return await self._play(request, task.fixed)
             return web.json_response(task.model.stats_at(self._clock() - task.started))
