@@ -7,12 +7,14 @@ a rotated secret is picked up without a restart.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from yaml.nodes import Node
+from yaml.error import Mark
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 from exporter.endpoints import default_endpoints, known_regions
 from exporter.yamlnodes import (
@@ -30,6 +32,40 @@ from exporter.yamlnodes import (
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# An http(s) origin plus an optional path: no spaces, query, fragment or user:password@.
+_URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[^\s?#]*)?")
+
+_AKSK_KEYS = frozenset(
+    {"access_key", "secret_key", "secret_key_file", "security_token", "security_token_file"}
+)
+_PASSWORD_KEYS = frozenset({"username", "password", "password_file", "domain_name"})
+_SECTION_KEYS: dict[str, frozenset[str]] = {
+    "cloud": frozenset({"region", "project_id", "project_name", "dcs_endpoint", "iam_endpoint"}),
+    "auth": _AKSK_KEYS | _PASSWORD_KEYS,
+    "polling": frozenset(
+        {
+            "interval",
+            "timeout",
+            "concurrency",
+            "details_interval",
+            "stale_intervals",
+            "max_requests_per_second",
+            "token_refresh_margin",
+        }
+    ),
+    "tasks[]": frozenset({"id", "name"}),
+}
+_TOP_KEYS = frozenset({"cloud", "auth", "polling", "tasks"})
+
+
+def _elsewhere(section: str) -> dict[str, str]:
+    """Keys of the other sections (and the top level), each with where it belongs."""
+    where = {key: "the top level" for key in _TOP_KEYS if key != section}
+    for other, keys in _SECTION_KEYS.items():
+        if other != section:
+            label = "a list item under tasks" if other == "tasks[]" else other
+            where.update(dict.fromkeys(keys, label))
+    return where
 
 
 class ConfigError(Exception):
@@ -129,9 +165,16 @@ def parse_duration(text: str) -> float | None:
 def load_config(path: str) -> Config:
     """Read and validate a config file; raise ConfigError listing every problem."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(path, [Problem("", 0, 0, f"cannot read: {exc.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        problem = Problem("", line, column, "not UTF-8 text; save the file as UTF-8")
+        raise ConfigError(path, [problem]) from None
     return parse_config(text, path)
 
 
@@ -141,10 +184,10 @@ def parse_config(text: str, filename: str = "config.yaml") -> Config:
     if syntax_problem is not None:
         raise ConfigError(filename, [syntax_problem])
     problems = Problems()
-    if root is None:
-        problems.add("", None, "the file is empty; it needs at least cloud, auth and tasks")
-        raise ConfigError(filename, problems.items)
-    sections = mapping_items(root, "", frozenset({"cloud", "auth", "polling", "tasks"}), problems)
+    if root is None:  # an empty file, or only comments: report every missing section at 1:1
+        start = Mark(filename, 0, 0, 0, "", 0)
+        root = MappingNode("tag:yaml.org,2002:map", [], start, start)
+    sections = mapping_items(root, "", _TOP_KEYS, problems, elsewhere=_elsewhere(""))
     if sections is None:
         raise ConfigError(filename, problems.items)
     cloud = _read_cloud(sections.get("cloud"), root, problems)
@@ -152,6 +195,8 @@ def parse_config(text: str, filename: str = "config.yaml") -> Config:
     polling = _read_polling(sections.get("polling"), problems)
     tasks = _read_tasks(sections.get("tasks"), root, problems)
     if problems.items or cloud is None or auth is None or polling is None or tasks is None:
+        if not problems.items:  # a reader gave up without saying why: still never an empty error
+            problems.add("", root, "invalid configuration")
         raise ConfigError(filename, problems.items)
     return Config(cloud=cloud, auth=auth, polling=polling, tasks=tasks)
 
@@ -171,13 +216,32 @@ def _optional_string(node: Node | None, path: str, problems: Problems) -> str | 
     return string(node, path, problems)
 
 
+def _required_string(
+    items: dict[str, Node], key: str, parent: Node, path: str, problems: Problems
+) -> str | None:
+    """Read a string that must be present, non-null and non-empty."""
+    node = _required(items.get(key), parent, path, problems)
+    if node is None:
+        return None
+    text = string(node, path, problems)
+    if text is not None and not text.strip():
+        problems.add(path, node, "is empty")
+        return None
+    return text
+
+
 def _url(node: Node | None, path: str, problems: Problems) -> str | None:
     """Read an optional http(s) base URL without a trailing slash."""
     text = _optional_string(node, path, problems)
     if text is None:
         return None
-    if not re.match(r"^https?://[^/\s]+", text):
-        problems.add(path, node, f"must be an http(s) URL, not {text!r}")
+    if re.match(r"^https?://[^/\s]*@", text):
+        problems.add(path, node, "must not contain a user name or password; put them under auth")
+        return None
+    if not _URL.fullmatch(text):
+        problems.add(
+            path, node, f"must be an http(s) URL such as https://dcs.example.com, not {text!r}"
+        )
         return None
     return text.rstrip("/")
 
@@ -187,12 +251,13 @@ def _read_cloud(node: Node | None, root: Node, problems: Problems) -> CloudConfi
     node = _required(node, root, "cloud", problems)
     if node is None:
         return None
-    allowed = frozenset({"region", "project_id", "project_name", "dcs_endpoint", "iam_endpoint"})
-    items = mapping_items(node, "cloud", allowed, problems)
+    items = mapping_items(
+        node, "cloud", _SECTION_KEYS["cloud"], problems, elsewhere=_elsewhere("cloud")
+    )
     if items is None:
         return None
-    region_node = _required(items.get("region"), node, "cloud.region", problems)
-    region = string(region_node, "cloud.region", problems) if region_node else None
+    region_node = items.get("region")
+    region = _required_string(items, "region", node, "cloud.region", problems)
     project_id = _optional_string(items.get("project_id"), "cloud.project_id", problems)
     if project_id is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", project_id):
         problems.add("cloud.project_id", items.get("project_id"), "must be 32 hex digits")
@@ -202,14 +267,19 @@ def _read_cloud(node: Node | None, root: Node, problems: Problems) -> CloudConfi
     if region is None:
         return None
     defaults = default_endpoints(region)
-    if defaults is None and (dcs is None or iam is None):
-        problems.add(
-            "cloud.region",
-            region_node,
-            f"unknown region {region!r}: set cloud.dcs_endpoint and cloud.iam_endpoint, "
-            f"or use one of {', '.join(known_regions())}",
-        )
-        return None
+    if defaults is None:
+        missing = [f"cloud.{key}" for key in ("dcs_endpoint", "iam_endpoint") if key not in items]
+        if missing:
+            close = difflib.get_close_matches(region.lower(), known_regions(), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.add(
+                "cloud.region",
+                region_node,
+                f"unknown region {region!r}: {hint}set {' and '.join(missing)}, "
+                f"or use one of {', '.join(known_regions())}",
+            )
+        if dcs is None or iam is None:
+            return None
     return CloudConfig(
         region=region,
         dcs_endpoint=dcs or (defaults.dcs if defaults else ""),
@@ -219,86 +289,90 @@ def _read_cloud(node: Node | None, root: Node, problems: Problems) -> CloudConfi
     )
 
 
-def _secret(items: dict[str, Node], key: str, path: str, problems: Problems) -> Secret | None:
-    """Read ``key`` or ``key_file`` (exactly one); a file must exist and be readable now."""
+def _secret(
+    items: dict[str, Node], key: str, parent: Node, path: str, problems: Problems
+) -> Secret | None:
+    """Read ``key`` or ``key_file`` (exactly one); a file must exist and be readable now.
+
+    The value itself never appears in a problem.
+    """
     inline, file_node = items.get(key), items.get(f"{key}_file")
     if inline is not None and file_node is not None:
         problems.add(f"{path}.{key}", inline, f"give either {key} or {key}_file, not both")
         return None
+    if inline is None and file_node is None:
+        problems.add(f"{path}.{key}", parent, f"is required (or {key}_file)")
+        return None
     if file_node is not None:
-        file_name = _optional_string(file_node, f"{path}.{key}_file", problems)
+        file_path = f"{path}.{key}_file"
+        file_name = _required_string(items, f"{key}_file", parent, file_path, problems)
         if file_name is None:
             return None
         try:
-            if not Path(file_name).read_text(encoding="utf-8").strip():
-                problems.add(f"{path}.{key}_file", file_node, f"file {file_name} is empty")
+            content = Path(file_name).read_text(encoding="utf-8")
         except OSError as exc:
-            problems.add(
-                f"{path}.{key}_file", file_node, f"cannot read {file_name}: {exc.strerror}"
-            )
+            problems.add(file_path, file_node, f"cannot read {file_name}: {exc.strerror}")
+            return None
+        except UnicodeDecodeError:
+            problems.add(file_path, file_node, f"file {file_name} is not UTF-8 text")
+            return None
+        if not content.strip():
+            problems.add(file_path, file_node, f"file {file_name} is empty")
             return None
         return Secret(file=file_name)
-    value = _optional_string(inline, f"{path}.{key}", problems)
+    assert inline is not None
+    if is_null(inline):
+        problems.add(f"{path}.{key}", inline, f"is empty (null); give a value or {key}_file")
+        return None
+    value = string(inline, f"{path}.{key}", problems, secret=True)
     if value is None:
         return None
-    if not value:
+    if not value.strip():
         problems.add(f"{path}.{key}", inline, "is empty")
+        return None
     return Secret(value=value)
 
 
 def _read_auth(node: Node | None, root: Node, problems: Problems) -> Auth | None:
-    """Read either AK/SK or IAM password credentials."""
+    """Read either AK/SK or IAM password credentials, refusing keys of the other method."""
     node = _required(node, root, "auth", problems)
     if node is None:
         return None
-    allowed = frozenset(
-        {
-            "access_key",
-            "secret_key",
-            "secret_key_file",
-            "security_token",
-            "security_token_file",
-            "username",
-            "password",
-            "password_file",
-            "domain_name",
-        }
+    items = mapping_items(
+        node, "auth", _SECTION_KEYS["auth"], problems, elsewhere=_elsewhere("auth")
     )
-    items = mapping_items(node, "auth", allowed, problems)
     if items is None:
         return None
-    if "access_key" in items and "username" in items:
-        problems.add("auth", node, "give either access_key (AK/SK) or username (IAM password)")
+    aksk, password = "access_key" in items, "username" in items
+    if aksk and password:
+        problems.add(
+            "auth", node, "give either access_key (AK/SK) or username (IAM password), not both"
+        )
         return None
-    if "access_key" in items:
-        access_key = _optional_string(items["access_key"], "auth.access_key", problems)
-        secret_key = _secret(items, "secret_key", "auth", problems)
-        if secret_key is None and "secret_key" not in items and "secret_key_file" not in items:
-            problems.add(
-                "auth.secret_key", node, "is required with access_key (or secret_key_file)"
-            )
+    if not aksk and not password:
+        problems.add(
+            "auth", node, "needs access_key + secret_key, or username + password + domain_name"
+        )
+        return None
+    method, foreign = ("access_key", _PASSWORD_KEYS) if aksk else ("username", _AKSK_KEYS)
+    for key, value_node in items.items():
+        if key in foreign:
+            problems.add(f"auth.{key}", value_node, f"does not go with {method}; remove it")
+    if aksk:
+        access_key = _required_string(items, "access_key", node, "auth.access_key", problems)
+        secret_key = _secret(items, "secret_key", node, "auth", problems)
         token = None
         if "security_token" in items or "security_token_file" in items:
-            token = _secret(items, "security_token", "auth", problems)
-        if not access_key or secret_key is None:
-            if not access_key:
-                problems.add("auth.access_key", items["access_key"], "is empty")
+            token = _secret(items, "security_token", node, "auth", problems)
+        if access_key is None or secret_key is None:
             return None
         return AkSkAuth(access_key=access_key, secret_key=secret_key, security_token=token)
-    if "username" in items:
-        username = _optional_string(items["username"], "auth.username", problems)
-        password = _secret(items, "password", "auth", problems)
-        if password is None and "password" not in items and "password_file" not in items:
-            problems.add("auth.password", node, "is required with username (or password_file)")
-        domain_node = _required(items.get("domain_name"), node, "auth.domain_name", problems)
-        domain = string(domain_node, "auth.domain_name", problems) if domain_node else None
-        if not username or password is None or not domain:
-            return None
-        return PasswordAuth(username=username, password=password, domain_name=domain)
-    problems.add(
-        "auth", node, "needs access_key + secret_key, or username + password + domain_name"
-    )
-    return None
+    username = _required_string(items, "username", node, "auth.username", problems)
+    secret = _secret(items, "password", node, "auth", problems)
+    domain = _required_string(items, "domain_name", node, "auth.domain_name", problems)
+    if username is None or secret is None or domain is None:
+        return None
+    return PasswordAuth(username=username, password=secret, domain_name=domain)
 
 
 def _duration(node: Node, path: str, problems: Problems) -> float | None:
@@ -346,7 +420,9 @@ def _read_polling(node: Node | None, problems: Problems) -> PollingConfig | None
         return defaults
     durations = ("interval", "timeout", "details_interval", "token_refresh_margin")
     numbers = {"concurrency": True, "stale_intervals": True, "max_requests_per_second": False}
-    items = mapping_items(node, "polling", frozenset((*durations, *numbers)), problems)
+    items = mapping_items(
+        node, "polling", _SECTION_KEYS["polling"], problems, elsewhere=_elsewhere("polling")
+    )
     if items is None:
         return None
     values: dict[str, float | int] = {}
@@ -367,36 +443,49 @@ def _read_polling(node: Node | None, problems: Problems) -> PollingConfig | None
 
 
 def _read_tasks(node: Node | None, root: Node, problems: Problems) -> tuple[TaskConfig, ...] | None:
-    """Read the non-empty task list; IDs must be unique quoted strings."""
+    """Read the non-empty task list; IDs must be unique quoted strings.
+
+    A repeated ID is an error rather than collapsed: the two entries may carry different names,
+    and silently keeping one would hide a copy-paste mistake (often a task that was meant to be
+    added is missing). IDs are compared ignoring case, as UUIDs are.
+    """
+    empty_message = "must be a non-empty list of tasks (each with an id)"
     if node is None or is_null(node):
-        problems.add("tasks", node or root, "must be a non-empty list of tasks (each with an id)")
+        problems.add("tasks", node or root, empty_message)
         return None
     tasks: list[TaskConfig] = []
     first_seen: dict[str, int] = {}
-    before = len(problems.items)
+    only_empty_items = True
     for path, item in sequence_items(node, "tasks", problems):
         if is_null(item):
             problems.add(path, item, "is empty; each task needs an id")
             continue
-        items = mapping_items(item, path, frozenset({"id", "name"}), problems)
+        only_empty_items = False
+        items = mapping_items(
+            item, path, _SECTION_KEYS["tasks[]"], problems, elsewhere=_elsewhere("tasks[]")
+        )
         if items is None:
             continue
-        id_node = _required(items.get("id"), item, f"{path}.id", problems)
-        task_id = string(id_node, f"{path}.id", problems) if id_node else None
+        task_id = _required_string(items, "id", item, f"{path}.id", problems)
+        id_node = items.get("id")
         name = _optional_string(items.get("name"), f"{path}.name", problems)
-        if task_id is None:
+        if task_id is None or id_node is None:
             continue
         if not _TASK_ID.match(task_id):
             problems.add(f"{path}.id", id_node, f"{task_id!r} is not a task ID")
             continue
-        line = item.start_mark.line + 1
-        if task_id in first_seen:
+        line = id_node.start_mark.line + 1
+        key = task_id.lower()
+        if key in first_seen:
             problems.add(
-                f"{path}.id", id_node, f"duplicate task ID (first on line {first_seen[task_id]})"
+                f"{path}.id",
+                id_node,
+                f"duplicate task ID {task_id!r} (first on line {first_seen[key]}); "
+                "list each task once",
             )
             continue
-        first_seen[task_id] = line
+        first_seen[key] = line
         tasks.append(TaskConfig(id=task_id, name=name))
-    if not tasks and len(problems.items) == before:
-        problems.add("tasks", node, "must be a non-empty list of tasks (each with an id)")
+    if isinstance(node, SequenceNode) and only_empty_items:
+        problems.add("tasks", node, empty_message)
     return tuple(tasks)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,8 +72,8 @@ def is_null(node: Node | None) -> bool:
     return node is None or (isinstance(node, ScalarNode) and node.tag == _NULL_TAG)
 
 
-def describe(node: Node) -> str:
-    """Name a node's YAML type for error messages."""
+def describe(node: Node, *, secret: bool = False) -> str:
+    """Name a node's YAML type for error messages; a ``secret`` value is not repeated."""
     if isinstance(node, MappingNode):
         return "a mapping"
     if isinstance(node, SequenceNode):
@@ -81,13 +81,22 @@ def describe(node: Node) -> str:
     if node.tag == _NULL_TAG:
         return "null"
     kind = node.tag.rsplit(":", 1)[-1]
-    return f"{kind} {node.value!r}"
+    return f"a value of type {kind}" if secret else f"{kind} {node.value!r}"
 
 
 def mapping_items(
-    node: Node, path: str, allowed: frozenset[str], problems: Problems
+    node: Node,
+    path: str,
+    allowed: frozenset[str],
+    problems: Problems,
+    *,
+    elsewhere: Mapping[str, str] | None = None,
 ) -> dict[str, Node] | None:
-    """Return a mapping's values by key, reporting unknown and repeated keys."""
+    """Return a mapping's values by key, reporting unknown and repeated keys.
+
+    ``elsewhere`` maps the keys of other sections to their section (``"timeout": "polling"``), so
+    that a key written in the wrong place, or a typo of one, is answered with where it belongs.
+    """
     if not isinstance(node, MappingNode):
         problems.add(path, node, f"must be a mapping, not {describe(node)}")
         return None
@@ -98,13 +107,27 @@ def mapping_items(
         if key in items:
             problems.add(where, key_node, "key appears twice")
         elif key not in allowed:
-            close = difflib.get_close_matches(key, sorted(allowed), n=1)
-            hint = (
-                f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(sorted(allowed))}"
+            problems.add(
+                where, key_node, f"unknown key ({_unknown_key_hint(key, allowed, elsewhere)})"
             )
-            problems.add(where, key_node, f"unknown key ({hint})")
         items[key] = value_node
     return items
+
+
+def _unknown_key_hint(
+    key: str, allowed: frozenset[str], elsewhere: Mapping[str, str] | None
+) -> str:
+    """Suggest the key that was probably meant: a close one here, else one in another section."""
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    others = dict(elsewhere or {})
+    if key in others:
+        return f"it belongs under {others[key]}"
+    close = difflib.get_close_matches(key, sorted(others), n=1)
+    if close:
+        return f"did you mean {close[0]!r} under {others[close[0]]}?"
+    return f"allowed: {', '.join(sorted(allowed))}"
 
 
 def sequence_items(node: Node, path: str, problems: Problems) -> Iterator[tuple[str, Node]]:
@@ -128,17 +151,24 @@ def scalar(node: Node, path: str, problems: Problems) -> Any:
         return None
 
 
-def string(node: Node, path: str, problems: Problems, *, expand_env: bool = True) -> str | None:
+def string(
+    node: Node, path: str, problems: Problems, *, expand_env: bool = True, secret: bool = False
+) -> str | None:
     """Read a value that must be written as a string; ``${VAR}`` takes an environment variable.
 
     Unquoted numbers are refused rather than converted: YAML reads ``0123`` as an octal int, so a
-    silent ``str()`` would turn a task ID into ``83``.
+    silent ``str()`` would turn a task ID into ``83``. The value of a ``secret`` never appears in
+    a problem, since problems are printed and logged.
     """
     if not isinstance(node, ScalarNode):
-        problems.add(path, node, f"must be a string, not {describe(node)}")
+        problems.add(path, node, f"must be a string, not {describe(node, secret=secret)}")
         return None
     if node.tag != _STR_TAG:
-        problems.add(path, node, f"must be a string, not {describe(node)}; put it in quotes")
+        problems.add(
+            path,
+            node,
+            f"must be a string, not {describe(node, secret=secret)}; put it in quotes",
+        )
         return None
     text = str(node.value)
     if not expand_env:
