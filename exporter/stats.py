@@ -8,14 +8,16 @@ quiet, because of a value the exporter made up.
 
 from __future__ import annotations
 
+import decimal
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 # Plain decimal numbers only: "1,234" or "300 ops" are ambiguous or carry units, so they are refused.
-_NUMBER = re.compile(r"^\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*$")
-_PERCENT = re.compile(r"^\s*(?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*%\s*$")
+# ASCII digits only: float() would also read "١٢٣" or full-width digits, which no API sends.
+_NUMBER = re.compile(r"^\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*$", re.ASCII)
+_PERCENT = re.compile(r"^\s*(?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*%\s*$", re.ASCII)
 _TRUE_STRINGS = frozenset({"true", "1"})
 _FALSE_STRINGS = frozenset({"false", "0"})
 FLOAT_EXACT_LIMIT = 2**53  # integers above this cannot all be told apart as float64 samples
@@ -56,8 +58,11 @@ class UnexpectedShape(ValueError):
 
 
 def _short(value: Any) -> str:
-    """A bounded repr for logs; bodies can be large."""
-    text = repr(value)
+    """A bounded repr for logs; bodies can be large (or nested deeper than repr can go)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # ValueError: an int too long to print
+        return f"<{type(value).__name__}>"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -66,7 +71,10 @@ def read_number(value: Any) -> float | None:
     if isinstance(value, bool):  # bool is an int subclass; true is not 1 here
         return None
     if isinstance(value, int):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a JSON integer with hundreds of digits
+            return None
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, str) and _NUMBER.match(value):
@@ -87,10 +95,10 @@ def read_percent(value: Any) -> float | None:
 
 
 def read_bool(value: Any) -> float | None:
-    """1.0 or 0.0 from a JSON boolean, 0/1, or "true"/"false"/"1"/"0" in any case."""
+    """1.0 or 0.0 from a JSON boolean, 0/1 (also 0.0/1.0), or "true"/"false"/"1"/"0" in any case."""
     if isinstance(value, bool):
         return 1.0 if value else 0.0
-    if isinstance(value, int):
+    if isinstance(value, int | float):
         return float(value) if value in (0, 1) else None
     if isinstance(value, str):
         text = value.strip().lower()
@@ -107,13 +115,25 @@ def _read_count(value: Any) -> float | None:
     return number if number is not None and number >= 0 else None
 
 
-def _is_large_integer(value: Any) -> bool:
-    """True when an integer is too large to survive float64 exactly."""
+def _is_imprecise(value: Any) -> bool:
+    """True when a number is beyond 2^53, where float64 can no longer tell neighbours apart.
+
+    Judged on the exact value sent (``"9007199254740993"`` is 2^53 + 1 although it reads as the
+    float 2^53), and the same whether it came as a JSON number or as a string.
+    """
     if isinstance(value, bool):
         return False
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        value = int(value)
-    return isinstance(value, int) and abs(value) > FLOAT_EXACT_LIMIT
+    if isinstance(value, int | float):
+        return abs(value) > FLOAT_EXACT_LIMIT
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith("%"):
+            text = text[:-1].strip()
+        try:
+            return abs(decimal.Decimal(text)) > FLOAT_EXACT_LIMIT
+        except (decimal.InvalidOperation, ValueError):
+            return False
+    return False
 
 
 # API field -> (record attribute, reader, scale)
@@ -146,12 +166,14 @@ def parse_stats(body: Any) -> StatsRecord:
             problems.append(FieldProblem(name, reason, "null" if name in body else ""))
             continue
         value = reader(body[name])
-        if value is None:
+        if value is not None:
+            value *= scale
+        if value is None or not math.isfinite(value):  # scaling can overflow a huge rate
             problems.append(FieldProblem(name, "invalid", _short(body[name])))
             continue
-        if _is_large_integer(body[name]):
+        if _is_imprecise(body[name]):
             imprecise.append(name)
-        values[attribute] = value * scale
+        values[attribute] = value
     if not values:
         fields = (
             ", ".join(p.describe() for p in problems if p.reason == "invalid") or "none present"
