@@ -183,8 +183,10 @@ class Poller:
         finally:
             # Per task, not per round: a slow task must not hold back the others' next polls.
             self._busy.discard(task.task_id)
-            self.state.token_refreshes_total = self.client.token_fetches
-            self.state.clock_skew_seconds = self.client.clock_skew
+            fetches, skew = self.client.token_fetches, self.client.clock_skew
+            if (fetches, skew) != (self.state.token_refreshes_total, self.state.clock_skew_seconds):
+                self.state.token_refreshes_total, self.state.clock_skew_seconds = fetches, skew
+                self.state.changed()
 
     # ---- one poll ---------------------------------------------------------------------------
 

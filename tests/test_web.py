@@ -1,0 +1,153 @@
+"""Tests for exporter.web: /metrics formats, health endpoints and POST /-/reload."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import bcrypt
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.state import ExporterState, TaskState
+from exporter.stats import StatsRecord
+from exporter.web import create_app
+from exporter.web_config import load_web_config
+from tests.support import TASK_A
+from tests.test_poller import FakeClock
+
+Clients = Callable[[web.Application], Awaitable[TestClient]]
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    """An Authorization header for HTTP basic auth."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.fixture
+def state() -> ExporterState:
+    """A state with one task that polled fine."""
+    state = ExporterState()
+    state.tasks[TASK_A] = TaskState(
+        task_id=TASK_A,
+        record=StatsRecord(offset=5000.0, migrating=1.0),
+        polled=True,
+        up=True,
+        polls_total=1,
+        last_success_time=1_700_000_000.0,
+    )
+    state.changed()
+    return state
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Clients]:
+    """Start test clients for apps; all are closed at the end."""
+    started: list[TestClient] = []
+
+    async def make(app: web.Application) -> TestClient:
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        started.append(client)
+        return client
+
+    yield make
+    for client in started:
+        await client.close()
+
+
+async def test_metrics_is_prometheus_text(state: ExporterState, clients: Clients) -> None:
+    """/metrics answers 200 in text format 0.0.4 with the task's samples and process metrics."""
+    client = await clients(create_app(state))
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = await response.text()
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert "dcs_migration_offset" in names and "process_cpu_seconds_total" in names
+
+
+async def test_metrics_negotiates_openmetrics(state: ExporterState, clients: Clients) -> None:
+    """An OpenMetrics Accept header gets a valid OpenMetrics body ending in a single # EOF."""
+    client = await clients(create_app(state))
+    response = await client.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+    text = await response.text()
+    assert text.endswith("# EOF\n") and text.count("# EOF") == 1
+    families = {f.name for f in parse_openmetrics(text)}
+    assert "dcs_migration_up" in families
+
+
+async def test_metrics_gzip_when_asked(state: ExporterState, clients: Clients) -> None:
+    """gzip is used when the scraper accepts it, and decompresses to the plain body's families."""
+    client = await clients(create_app(state))
+    response = await client.get(
+        "/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False
+    )
+    assert response.headers["Content-Encoding"] == "gzip"
+    text = gzip.decompress(await response.read()).decode()
+    assert f'dcs_migration_offset{{task_id="{TASK_A}"}} 5000.0' in text
+
+
+async def test_metrics_follow_state_changes(state: ExporterState, clients: Clients) -> None:
+    """A change in the state shows at the next scrape (no stale cached rendering)."""
+    client = await clients(create_app(state))
+    assert TASK_A in await (await client.get("/metrics")).text()
+    del state.tasks[TASK_A]
+    state.changed()
+    assert TASK_A not in await (await client.get("/metrics")).text()
+
+
+async def test_health_before_the_first_round(clients: Clients) -> None:
+    """Before any round: not ready, but alive until max_cycle_age has passed since start."""
+    clock = FakeClock()
+    client = await clients(create_app(ExporterState(), max_cycle_age=30.0, monotonic=clock))
+    assert (await client.get("/ready")).status == 503
+    assert (await client.get("/healthz")).status == 200
+    clock.advance(31.0)
+    response = await client.get("/healthz")
+    assert response.status == 503
+    assert "no polling round finished yet" in await response.text()
+
+
+async def test_reload_endpoint(state: ExporterState, clients: Clients) -> None:
+    """POST /-/reload is 404 without a config file, 200 on success, 400 with the problem otherwise."""
+    assert (await (await clients(create_app(state))).post("/-/reload")).status == 404
+
+    outcomes: list[str | None] = [None, "config.yaml:2:1: tab not allowed"]
+
+    async def reload() -> str | None:
+        return outcomes.pop(0)
+
+    client = await clients(create_app(state, reload=reload))
+    assert (await client.post("/-/reload")).status == 200
+    response = await client.post("/-/reload")
+    assert response.status == 400
+    assert "tab not allowed" in await response.text()
+    assert (await client.get("/-/reload")).status == 405  # a GET must not reload
+
+
+async def test_basic_auth_guards_metrics_not_probes(
+    state: ExporterState,
+    clients: Clients,
+    tmp_path: Path,
+) -> None:
+    """With --web.config.file basic auth, /metrics and /-/reload need credentials, probes do not."""
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    path = tmp_path / "web.yml"
+    path.write_text(f"basic_auth_users:\n  prom: '{hashed}'\n")
+    client = await clients(create_app(state, web_config=load_web_config(str(path))))
+    assert (await client.get("/metrics")).status == 401
+    assert (await client.post("/-/reload")).status == 401
+    assert (await client.get("/healthz")).status in (200, 503)
+    assert (await client.get("/metrics", headers=basic("prom", "s3cret"))).status == 200
+    assert (await client.get("/metrics", headers=basic("prom", "wrong"))).status == 401
