@@ -1,14 +1,12 @@
 """HTTP endpoints: ``/metrics``, ``/``, ``/healthz``, ``/ready`` and ``POST /-/reload``.
 
 Nothing here waits on the cloud: every page is built from the state the poller keeps. The
-rendering of the exporter's own families is reused until the state changes, so scrapes stay cheap
-however often they come.
+rendering of the exporter's own families, and its gzip, is reused until the state changes (and,
+for thousands of tasks, at most once a second), so scrapes stay cheap however often they come.
 """
 
 from __future__ import annotations
 
-import gzip
-import html
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,13 +26,12 @@ from prometheus_client.openmetrics.exposition import (
     generate_latest as generate_openmetrics,
 )
 
-from exporter import __version__
-from exporter.collector import DcsCollector
+from exporter.exposition import ExpositionCache
+from exporter.landing import install as install_landing
 from exporter.state import ExporterState
 from exporter.web_config import WebConfig, auth_middleware
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_EOF = b"# EOF\n"
 Reload = Callable[[], Awaitable[str | None]]  # returns None on success, else the error
 
 
@@ -61,27 +58,25 @@ def health(state: ExporterState, max_cycle_age: float, started: float, now: floa
 
 
 class MetricsRenderer:
-    """Renders the exposition, reusing the exporter's part until the state version moves."""
+    """The exposition: our families from a cache (exporter.exposition), process metrics fresh."""
 
     def __init__(self, state: ExporterState) -> None:
         self.state = state
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(DcsCollector(state))
-        self._cache: dict[bool, tuple[int, bytes]] = {}
+        self.cache = ExpositionCache(state)
 
     def render(self, openmetrics: bool) -> bytes:
         """The full exposition in the chosen format."""
-        cached = self._cache.get(openmetrics)
-        if cached is None or cached[0] != self.state.version:
-            generate = generate_openmetrics if openmetrics else generate_latest
-            body = generate(self._registry)
-            if openmetrics:
-                body = body.removesuffix(_EOF)
-            cached = (self.state.version, body)
-            self._cache[openmetrics] = cached
-        # Process metrics change between scrapes; they are few and cheap to render.
-        process = (generate_openmetrics if openmetrics else generate_latest)(_process_registry)
-        return cached[1] + process
+        return self.cache.current(openmetrics).body + _process_exposition(openmetrics)
+
+    async def render_gzip(self, openmetrics: bool) -> bytes:
+        """The same, gzip-compressed; the big part is compressed once per rendering, not per scrape."""
+        rendering = await self.cache.gzipped(openmetrics)
+        return rendering.gzip_with(_process_exposition(openmetrics))
+
+
+def _process_exposition(openmetrics: bool) -> bytes:
+    """Process metrics change between scrapes; they are few and cheap to render."""
+    return (generate_openmetrics if openmetrics else generate_latest)(_process_registry)
 
 
 _process_registry = CollectorRegistry(auto_describe=False)
@@ -115,12 +110,13 @@ def create_app(
 
     async def metrics(request: web.Request) -> web.Response:
         openmetrics = _wants_openmetrics(request.headers.get("Accept", ""))
-        body = renderer.render(openmetrics)
         content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE
         headers = {"Content-Type": content_type}
         if _wants_gzip(request.headers.get("Accept-Encoding", "")):
-            body = gzip.compress(body, compresslevel=1)  # fast; exposition text compresses well
+            body = await renderer.render_gzip(openmetrics)
             headers["Content-Encoding"] = "gzip"
+        else:
+            body = renderer.render(openmetrics)
         return web.Response(body=body, headers=headers)
 
     def _health() -> Health:
@@ -142,53 +138,9 @@ def create_app(
             return web.Response(text="configuration reloaded\n")
         return web.Response(status=400, text=f"configuration rejected, old one kept:\n{error}\n")
 
-    async def index(request: web.Request) -> web.Response:
-        return web.Response(text=landing_page(state), content_type="text/html")
-
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/ready", ready)
     app.router.add_post("/-/reload", do_reload)
-    app.router.add_get("/", index)
+    install_landing(app, state)  # "/", "/api/v1/tasks" and the page's static files
     return app
-
-
-def landing_page(state: ExporterState) -> str:
-    """A plain HTML page with links and one row per task."""
-    rows = []
-    for task in state.tasks.values():
-        record = task.record
-        progress = (
-            f"{record.progress_ratio * 100:.1f} %"
-            if record and record.progress_ratio is not None
-            else "–"
-        )
-        offset = f"{record.offset:.0f}" if record and record.offset is not None else "–"
-        status = task.details.status if task.details else ""
-        health_text = "up" if task.up else (task.last_reason or "not polled yet")
-        rows.append(
-            "<tr>"
-            + "".join(
-                f"<td>{html.escape(cell)}</td>"
-                for cell in (
-                    task.display_name,
-                    task.task_id,
-                    status,
-                    progress,
-                    offset,
-                    health_text,
-                )
-            )
-            + "</tr>"
-        )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>DCS migration exporter</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
-<body><h1>DCS migration exporter</h1>
-<p>Version {html.escape(__version__)}. <a href="/metrics">Metrics</a> · <a href="/healthz">Health</a>
-· <a href="/ready">Readiness</a></p>
-<table><thead><tr><th>Name</th><th>Task ID</th><th>Status</th><th>Progress</th><th>Offset</th>
-<th>Poll</th></tr></thead><tbody>
-{"".join(rows)}
-</tbody></table></body></html>
-"""
