@@ -1,7 +1,9 @@
 """Wire config, client, poller and web server together, and keep them running.
 
-Data flows one way: config → client → poller state → collector → web. Reload swaps the config in
-place: a bad new config is refused and the old one keeps running.
+Data flows one way: config → client → poller state → collector → web. Reload (``POST /-/reload``
+or SIGHUP) re-reads the config file and the credential files it names: a bad new config is
+refused, counted and logged, and the old one keeps polling. SIGTERM/SIGINT stop polling, close the
+web server and the HTTP session, and return.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from exporter.client import DcsClient
-from exporter.config import Config, ConfigError
+from exporter.config import AkSkAuth, Auth, Config, ConfigError
 from exporter.poller import Poller
 from exporter.state import ExporterState
 from exporter.throttle import Throttle
@@ -28,6 +30,8 @@ from exporter.web_config import WebConfig
 log = logging.getLogger(__name__)
 
 ConfigLoader = Callable[[], Config]
+# Pause before the polling loop is started again after it failed (a bug; it should never happen).
+RESTART_DELAY_SECONDS = 1.0
 
 
 def max_cycle_age(config: Config) -> float:
@@ -65,6 +69,14 @@ def build_poller(config: Config, session: aiohttp.ClientSession, state: Exporter
     return Poller(state, client, config.polling, config.tasks)
 
 
+def read_credentials(auth: Auth) -> tuple[str, ...]:
+    """The secrets in use right now, read from their files where they come from files."""
+    if isinstance(auth, AkSkAuth):
+        token = auth.security_token.read() if auth.security_token is not None else ""
+        return (auth.secret_key.read(), token)
+    return (auth.password.read(),)
+
+
 class Daemon:
     """The running exporter: one poller, one web server, reloadable config."""
 
@@ -77,53 +89,85 @@ class Daemon:
         self.state = ExporterState()
         self.session: aiohttp.ClientSession | None = None
         self.poller: Poller | None = None
+        self.poll_loop_restarts = 0
+        self._credentials: tuple[str, ...] = ()
         self._poll_loop: asyncio.Task[None] | None = None
+        self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[str | None]] = set()
+
+    # ---- reload -------------------------------------------------------------------------------
 
     async def reload(self) -> str | None:
-        """Re-read the config; on error keep the old one and return the problem."""
+        """Re-read the config and credential files; on error keep the old ones and return why."""
         if self.load_config is None:
             return "this daemon was started without a config file"
-        try:
-            new = self.load_config()
-        except ConfigError as error:
-            self.state.config_reload_ok = False
-            self.state.config_reload_failures_total += 1
+        async with self._reload_lock:
+            try:
+                new = self.load_config()
+                credentials = read_credentials(new.auth)
+            except ConfigError as error:
+                return self._reload_failed(str(error))
+            except Exception as error:  # an unreadable file, a bug: never take the daemon down
+                log.debug("reload failed", exc_info=True)
+                return self._reload_failed(f"{type(error).__name__}: {error}")
+            old, self.config = self.config, new
+            assert self.session is not None and self.poller is not None
+            unchanged = (old.cloud, old.auth, old.polling) == (new.cloud, new.auth, new.polling)
+            if unchanged and credentials == self._credentials:
+                self.poller.set_tasks(new.tasks)
+            else:
+                # Endpoints, credentials or timing changed: a new client (no cached token, new
+                # throttle) and scheduler; the task states carry over, removed tasks are dropped.
+                await self._stop_polling()
+                self.poller = build_poller(new, self.session, self.state)
+                self._start_polling()
+            self._credentials = credentials
+            self.state.config_reload_ok = True
             self.state.changed()
-            log.error("configuration reload failed; keeping the running one:\n%s", error)
-            return str(error)
-        self.state.config_reload_ok = True
-        old, self.config = self.config, new
-        assert self.session is not None and self.poller is not None
-        if (old.cloud, old.auth, old.polling) == (new.cloud, new.auth, new.polling):
-            self.poller.set_tasks(new.tasks)
-        else:
-            # Credentials or endpoints changed: a new client, but task states carry over.
-            await self._stop_polling()
-            self.poller = build_poller(new, self.session, self.state)
-            self._start_polling()
-        log.info("configuration reloaded: %d tasks", len(new.tasks))
-        return None
+            log.info("configuration reloaded: %d tasks", len(new.tasks))
+            return None
+
+    def _reload_failed(self, problem: str) -> str:
+        self.state.config_reload_ok = False
+        self.state.config_reload_failures_total += 1
+        self.state.changed()
+        log.error("configuration reload failed; keeping the running one:\n%s", problem)
+        return problem
+
+    # ---- polling ------------------------------------------------------------------------------
 
     def _start_polling(self) -> None:
-        assert self.poller is not None
-        self._poll_loop = asyncio.get_running_loop().create_task(self.poller.run())
+        self._poll_loop = asyncio.get_running_loop().create_task(self._keep_polling())
+
+    async def _keep_polling(self) -> None:
+        """Run the poller's loop; should it ever fail, log why and start it again."""
+        while True:
+            assert self.poller is not None
+            try:
+                await self.poller.run()
+            except Exception:
+                self.poll_loop_restarts += 1
+                log.exception("the polling loop failed; starting it again")
+                await self.poller.stop()
+                await asyncio.sleep(RESTART_DELAY_SECONDS)
 
     async def _stop_polling(self) -> None:
         if self._poll_loop is not None:
             self._poll_loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll_loop
+            self._poll_loop = None
         if self.poller is not None:
             await self.poller.stop()
 
-    def stop(self) -> None:
-        """Ask the daemon to shut down."""
-        self._stopping.set()
+    # ---- lifecycle ----------------------------------------------------------------------------
 
-    async def serve(self, host: str | None, port: int) -> None:
-        """Run until stop(): poll in the background and serve the web pages."""
+    async def start(self, host: str | None, port: int) -> None:
+        """Open the session, start the web server and the background polling."""
         warn_about_proxy()
+        self._credentials = read_credentials(self.config.auth)
         self.session = open_session(self.config)
         self.poller = build_poller(self.config, self.session, self.state)
         app = create_app(
@@ -132,37 +176,76 @@ class Daemon:
             max_cycle_age=max_cycle_age(self.config),
             reload=self.reload if self.load_config else None,
         )
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
         ssl_context = self.web_config.ssl_context if self.web_config else None
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         try:
             await site.start()
-            scheme = "https" if ssl_context else "http"
-            log.info(
-                "listening on %s://%s:%d/metrics, watching %d tasks",
-                scheme,
-                host or "0.0.0.0",
-                port,
-                len(self.config.tasks),
-            )
-            self._start_polling()
-            self._install_signals()
+        except BaseException:
+            await self.close()
+            raise
+        scheme = "https" if ssl_context else "http"
+        log.info(
+            "listening on %s://%s:%d/metrics, watching %d tasks",
+            scheme,
+            host or "0.0.0.0",
+            self.port,
+            len(self.config.tasks),
+        )
+        self._start_polling()
+
+    @property
+    def port(self) -> int:
+        """The port the web server listens on (useful when started on port 0)."""
+        assert self._runner is not None and self._runner.addresses
+        address = self._runner.addresses[0]
+        return int(address[1])
+
+    async def close(self) -> None:
+        """Stop polling, then the web server, then the HTTP session; safe to call twice."""
+        for task in list(self._background):
+            task.cancel()
+        await self._stop_polling()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def stop(self) -> None:
+        """Ask serve() to shut down."""
+        self._stopping.set()
+
+    async def serve(self, host: str | None, port: int) -> None:
+        """Run until SIGTERM/SIGINT (or stop()): poll in the background and serve the web pages."""
+        self._install_signals()
+        try:
+            await self.start(host, port)
             await self._stopping.wait()
             log.info("shutting down")
         finally:
-            await self._stop_polling()
-            await runner.cleanup()
-            await self.session.close()
+            await self.close()
+            self._remove_signals()
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: loop.create_task(self.reload()).add_done_callback(_drop)
-        )
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
 
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
 
-def _drop(_: asyncio.Task[str | None]) -> None:
-    """Reload outcomes are logged by reload() itself."""
+    def _reload_in_background(self) -> None:
+        """SIGHUP: reload without blocking the signal handler; the outcome is logged by reload()."""
+        if self._stopping.is_set() or self.session is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

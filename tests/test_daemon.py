@@ -1,0 +1,250 @@
+"""Tests for exporter.daemon, in process: reload of config and credential files, supervision of
+the polling loop, and shutdown with a poll in flight. (Signals and the command line are tested on
+a subprocess in tests/e2e/test_daemon_e2e.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+import exporter.daemon
+from exporter.config import load_config
+from exporter.daemon import Daemon
+from exporter.poller import Poller
+from exporter.simulator import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_USER, CannedResponse
+from tests.support import PROJ, TASK_A, TASK_B, SimServer, config_yaml
+from tests.test_poller import Scrape
+
+FAST = "polling:\n  interval: 200ms\n  timeout: 2s\n  max_requests_per_second: 1000\n"
+
+
+def password_yaml(url: str, password_file: Path, polling: str = FAST) -> str:
+    """A config using an IAM password read from a file."""
+    text = f"""\
+    cloud:
+      region: eu-de
+      project_id: "{PROJ}"
+      dcs_endpoint: {url}
+      iam_endpoint: {url}/v3
+    auth:
+      username: {DEMO_USER}
+      password_file: {password_file}
+      domain_name: {DEMO_DOMAIN}
+    """
+    return textwrap.dedent(text) + polling + f'tasks:\n  - id: "{TASK_A}"\n'
+
+
+class Running:
+    """A daemon started on a free port, and helpers to talk to it."""
+
+    def __init__(self, daemon: Daemon, session: aiohttp.ClientSession) -> None:
+        self.daemon = daemon
+        self.session = session
+        self.base = f"http://127.0.0.1:{daemon.port}"
+
+    async def metrics(self) -> Scrape:
+        async with self.session.get(f"{self.base}/metrics") as response:
+            assert response.status == 200
+            return Scrape(await response.text())
+
+    async def reload(self) -> tuple[int, str]:
+        async with self.session.post(f"{self.base}/-/reload") as response:
+            return response.status, await response.text()
+
+    async def until(self, check: Callable[[Scrape], bool], timeout: float = 10.0) -> Scrape:
+        """Scrape until ``check`` holds for the exposition."""
+        deadline = time.monotonic() + timeout
+        while True:
+            metrics = await self.metrics()
+            if check(metrics):
+                return metrics
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not reached in {timeout}s:\n{metrics.text[:3000]}")
+            await asyncio.sleep(0.05)
+
+    async def polls(self, task_id: str = TASK_A) -> float:
+        return (await self.metrics()).get("dcs_migration_polls_total", task_id=task_id) or 0.0
+
+
+@pytest.fixture
+async def start_daemon() -> AsyncIterator[Callable[[Path], Awaitable[Running]]]:
+    """Start daemons from a config file path; all are closed at the end."""
+    started: list[Daemon] = []
+    async with aiohttp.ClientSession() as session:
+
+        async def start(path: Path) -> Running:
+            daemon = Daemon(load_config(str(path)), lambda: load_config(str(path)), None)
+            started.append(daemon)
+            await daemon.start("127.0.0.1", 0)
+            return Running(daemon, session)
+
+        yield start
+        for daemon in started:
+            await daemon.close()
+
+
+def up(task_id: str = TASK_A, value: float = 1) -> Callable[[Scrape], bool]:
+    """A check: the task's up gauge has this value."""
+    return lambda m: m.get("dcs_migration_up", task_id=task_id) == value
+
+
+async def test_bad_reload_keeps_the_old_config_polling(
+    sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
+) -> None:
+    """A config with a tab is refused with 400: failures +1, last_reload_successful 0, and the old
+    config keeps polling; a good config afterwards sets it back to 1."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
+    running = await start_daemon(path)
+    await running.until(up())
+    path.write_text('tasks:\n\t- id: "x"\n')
+    status, text = await running.reload()
+    assert status == 400
+    assert "tab" in text.lower()
+    metrics = await running.metrics()
+    assert metrics.get("dcs_migration_config_reload_failures_total") == 1
+    assert metrics.get("dcs_migration_config_last_reload_successful") == 0
+    polls = await running.polls()
+    await running.until(lambda m: (m.get("dcs_migration_polls_total", task_id=TASK_A) or 0) > polls)
+    path.write_text(config_yaml(sim_server.url, (TASK_A, TASK_B), FAST))
+    assert (await running.reload())[0] == 200
+    metrics = await running.until(up(TASK_B))
+    assert metrics.get("dcs_migration_config_last_reload_successful") == 1
+    assert metrics.get("dcs_migration_config_reload_failures_total") == 1
+
+
+async def test_unreadable_config_file_is_a_failed_reload_not_a_crash(
+    sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
+) -> None:
+    """Bytes that are not UTF-8, or a deleted file, count as failed reloads; polling goes on."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
+    running = await start_daemon(path)
+    await running.until(up())
+    path.write_bytes(b"tasks:\n  - id: \xff\xfe\n")
+    assert (await running.reload())[0] == 400
+    path.unlink()
+    assert (await running.reload())[0] == 400
+    metrics = await running.metrics()
+    assert metrics.get("dcs_migration_config_reload_failures_total") == 2
+    assert metrics.get("dcs_migration_up", task_id=TASK_A) == 1
+
+
+async def test_reload_rereads_the_password_file(
+    sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
+) -> None:
+    """A changed password file takes effect at reload (the cached token is dropped); an
+    unchanged one does not cost an IAM request."""
+    secret = tmp_path / "password"
+    secret.write_text(DEMO_PASSWORD + "\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(password_yaml(sim_server.url, secret))
+    running = await start_daemon(path)
+    await running.until(up())
+    assert sim_server.sim.token_requests == 1
+    assert (await running.reload())[0] == 200
+    polls = await running.polls()
+    await running.until(lambda m: (m.get("dcs_migration_polls_total", task_id=TASK_A) or 0) > polls)
+    assert sim_server.sim.token_requests == 1
+
+    secret.write_text("not-the-password\n")
+    assert (await running.reload())[0] == 200
+    metrics = await running.until(up(value=0))
+    assert sim_server.sim.token_requests >= 2
+    assert (metrics.get("dcs_migration_poll_errors_total", task_id=TASK_A, reason="auth") or 0) >= 1
+
+    secret.write_text(DEMO_PASSWORD + "\n")
+    assert (await running.reload())[0] == 200
+    await running.until(up())
+
+
+async def test_reload_applies_new_polling_settings(
+    sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
+) -> None:
+    """A new interval replaces the scheduler; task state and counters carry over."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), "polling:\n  interval: 30s\n"))
+    running = await start_daemon(path)
+    await running.until(up())
+    assert await running.polls() == 1  # the next poll would be 30 s away
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
+    assert (await running.reload())[0] == 200
+    await running.until(lambda m: (m.get("dcs_migration_polls_total", task_id=TASK_A) or 0) >= 4)
+    assert running.daemon.poller is not None
+    assert running.daemon.poller.polling.interval == 0.2
+
+
+async def test_polling_loop_is_restarted_after_a_failure(
+    sim_server: SimServer,
+    tmp_path: Path,
+    start_daemon: Callable[[Path], Awaitable[Running]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception escaping the scheduler is logged and the loop starts again; polls go on."""
+    monkeypatch.setattr(exporter.daemon, "RESTART_DELAY_SECONDS", 0.05)
+    real_start_round = Poller.start_round
+    calls = 0
+
+    def flaky(self: Poller) -> asyncio.Task[None]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("scheduler bug (injected)")
+        return real_start_round(self)
+
+    monkeypatch.setattr(Poller, "start_round", flaky)
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
+    running = await start_daemon(path)
+    await running.until(lambda m: (m.get("dcs_migration_polls_total", task_id=TASK_A) or 0) >= 3)
+    assert running.daemon.poll_loop_restarts == 1
+    assert any("polling loop failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_close_with_a_poll_in_flight_is_quick_and_clean(
+    sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
+) -> None:
+    """close() cancels a hanging poll, stops the server and closes the session within a second,
+    leaving no exporter task behind."""
+    sim_server.sim.push(TASK_A, *[CannedResponse(hang=True)] * 5)
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), "polling:\n  timeout: 60s\n"))
+    running = await start_daemon(path)
+    deadline = time.monotonic() + 5
+    while sim_server.sim.in_flight(TASK_A) == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    session = running.daemon.session
+    started = time.monotonic()
+    await running.daemon.close()
+    assert time.monotonic() - started < 1.5
+    assert session is not None and session.closed
+    leftovers = [
+        t
+        for t in asyncio.all_tasks()
+        if "/exporter/" in t.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+        and not t.get_coro().cr_code.co_filename.endswith("simulator.py")  # type: ignore[union-attr]
+    ]
+    assert leftovers == []
+
+
+async def test_sighup_before_start_is_ignored(
+    sim_server: SimServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload request that arrives before the daemon runs does nothing instead of failing."""
+    caplog.set_level(logging.ERROR)
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
+    daemon = Daemon(load_config(str(path)), lambda: load_config(str(path)), None)
+    daemon._reload_in_background()
+    await asyncio.sleep(0)
+    assert not caplog.records
+    assert daemon.state.config_reload_failures_total == 0
