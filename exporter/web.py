@@ -7,7 +7,6 @@ for thousands of tasks, at most once a second), so scrapes stay cheap however of
 
 from __future__ import annotations
 
-import html
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,8 +26,8 @@ from prometheus_client.openmetrics.exposition import (
     generate_latest as generate_openmetrics,
 )
 
-from exporter import __version__
 from exporter.exposition import ExpositionCache
+from exporter.landing import install as install_landing
 from exporter.state import ExporterState
 from exporter.web_config import WebConfig, auth_middleware
 
@@ -139,53 +138,9 @@ def create_app(
             return web.Response(text="configuration reloaded\n")
         return web.Response(status=400, text=f"configuration rejected, old one kept:\n{error}\n")
 
-    async def index(request: web.Request) -> web.Response:
-        return web.Response(text=landing_page(state), content_type="text/html")
-
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/ready", ready)
     app.router.add_post("/-/reload", do_reload)
-    app.router.add_get("/", index)
+    install_landing(app, state)  # "/", "/api/v1/tasks" and the page's static files
     return app
-
-
-def landing_page(state: ExporterState) -> str:
-    """A plain HTML page with links and one row per task."""
-    rows = []
-    for task in state.tasks.values():
-        record = task.record
-        progress = (
-            f"{record.progress_ratio * 100:.1f} %"
-            if record and record.progress_ratio is not None
-            else "–"
-        )
-        offset = f"{record.offset:.0f}" if record and record.offset is not None else "–"
-        status = task.details.status if task.details else ""
-        health_text = "up" if task.up else (task.last_reason or "not polled yet")
-        rows.append(
-            "<tr>"
-            + "".join(
-                f"<td>{html.escape(cell)}</td>"
-                for cell in (
-                    task.display_name,
-                    task.task_id,
-                    status,
-                    progress,
-                    offset,
-                    health_text,
-                )
-            )
-            + "</tr>"
-        )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>DCS migration exporter</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
-<body><h1>DCS migration exporter</h1>
-<p>Version {html.escape(__version__)}. <a href="/metrics">Metrics</a> · <a href="/healthz">Health</a>
-· <a href="/ready">Readiness</a></p>
-<table><thead><tr><th>Name</th><th>Task ID</th><th>Status</th><th>Progress</th><th>Offset</th>
-<th>Poll</th></tr></thead><tbody>
-{"".join(rows)}
-</tbody></table></body></html>
-"""
