@@ -129,6 +129,11 @@ async def run_demo(listen: tuple[str | None, int], web_config: WebConfig | None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags and run; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:
+        from exporter.status import main as status_main
+
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     if args.config_check:
