@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from exporter import __version__
+from exporter import __version__, redis_demo
 from exporter.config import (
     AkSkAuth,
     CloudConfig,
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action="version", version=f"dcs-migration-exporter {__version__}"
     )
+    redis_demo.add_arguments(parser)
     return parser
 
 
@@ -147,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         web_config = load_web_config(args.web_config_file) if args.web_config_file else None
+        if args.demo_redis:
+            return redis_demo.run_cli(args, web_config)
         if args.demo:
             asyncio.run(run_demo(args.listen, web_config))
             return 0
