@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcs-migration-exporter",
         description="Export the progress of DCS online migration tasks to Prometheus.",
+        epilog="'dcs-migration-exporter status --help': the tasks in a terminal, one line each.",
     )
     parser.add_argument("--config.file", dest="config_file", default="config.yaml", metavar="PATH")
     parser.add_argument(

@@ -36,10 +36,17 @@
       const response = await fetch("api/v1/tasks", { cache: "no-store", credentials: "same-origin" });
       if (!response.ok) throw new Error("HTTP " + response.status);
       const data = await response.json();
-      const body = table.tBodies[0];
-      if (data.tasks.length) {
-        body.replaceChildren(...data.tasks.map(row));
+      const rows = data.tasks.map(row);
+      if (!rows.length) {
+        // A reload can remove every task: say so rather than keep the old rows.
+        const empty = document.createElement("tr");
+        empty.className = "empty";
+        const cell = empty.insertCell();
+        cell.colSpan = columns.length;
+        cell.textContent = "No tasks configured.";
+        rows.push(empty);
       }
+      table.tBodies[0].replaceChildren(...rows);
       every = Number(data.refresh_seconds || 5) * 1000;
       updated.textContent = "Live · updated " + new Date().toLocaleTimeString();
       updated.classList.remove("stale");
