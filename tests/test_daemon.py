@@ -108,8 +108,9 @@ async def test_bad_reload_keeps_the_old_config_polling(
     status, text = await running.reload()
     assert status == 400
     assert "tab" in text.lower()
-    metrics = await running.metrics()
-    assert metrics.get("dcs_migration_config_reload_failures_total") == 1
+    metrics = await running.until(
+        lambda m: m.get("dcs_migration_config_reload_failures_total") == 1
+    )
     assert metrics.get("dcs_migration_config_last_reload_successful") == 0
     polls = await running.polls()
     await running.until(lambda m: (m.get("dcs_migration_polls_total", task_id=TASK_A) or 0) > polls)
@@ -132,8 +133,9 @@ async def test_unreadable_config_file_is_a_failed_reload_not_a_crash(
     assert (await running.reload())[0] == 400
     path.unlink()
     assert (await running.reload())[0] == 400
-    metrics = await running.metrics()
-    assert metrics.get("dcs_migration_config_reload_failures_total") == 2
+    metrics = await running.until(
+        lambda m: m.get("dcs_migration_config_reload_failures_total") == 2
+    )
     assert metrics.get("dcs_migration_up", task_id=TASK_A) == 1
 
 
