@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ __all__ = [
     "utc_now",
     "verify_request",
 ]
+
+log = logging.getLogger(__name__)
 
 ALGORITHM = "SDK-HMAC-SHA256"
 SDK_DATE_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -390,7 +393,11 @@ class TokenCache:
     margin, which is capped at 10 % of the token's lifetime (measured from when it was fetched), so
     a 24 h token is refreshed 1 h early and a 120 s token 12 s early. Concurrent callers share one
     fetch, and a caller that is cancelled does not cancel the fetch for the others. A failed fetch
-    raises in every caller waiting for it and is not cached.
+    is not cached; it raises in every caller waiting for it, except while the current token is
+    still valid and was not rejected by the API: then the failure is logged once as a warning, the
+    current token is returned, and the next refresh is tried after ``refresh_retry_interval``
+    (at most half the token's remaining life), so that an IAM outage during the refresh margin
+    neither fails the polls nor turns every poll into a token request.
     """
 
     def __init__(
@@ -399,15 +406,19 @@ class TokenCache:
         clock: Callable[[], datetime] = utc_now,
         refresh_margin: timedelta = timedelta(hours=1),
         min_forced_refresh_interval: timedelta = timedelta(minutes=5),
+        refresh_retry_interval: timedelta = timedelta(seconds=30),
     ) -> None:
         self._fetch = fetch
         self._clock = clock
         self._refresh_margin = refresh_margin
         self._min_forced_refresh_interval = min_forced_refresh_interval
+        self._refresh_retry_interval = refresh_retry_interval
         self._token: IssuedToken | None = None
         self._fetched_at: datetime | None = None
         self._inflight: asyncio.Task[IssuedToken] | None = None
         self._last_forced: datetime | None = None
+        self._rejected: str | None = None  # the value the API last refused
+        self._retry_refresh_at: datetime | None = None  # after a failed refresh of a valid token
         self._fetch_count = 0
 
     def __repr__(self) -> str:
@@ -424,11 +435,34 @@ class TokenCache:
         margin = min(self._refresh_margin, lifetime / 10)
         return token.expires_at - _as_utc(self._clock()) >= margin
 
+    def _still_usable(self) -> IssuedToken | None:
+        """The current token if it has not expired and the API has not refused it."""
+        token = self._token
+        if token is None or token.value == self._rejected:
+            return None
+        return token if token.expires_at > _as_utc(self._clock()) else None
+
     async def _run_fetch(self) -> IssuedToken:
         try:
             token = await self._fetch()
+        except Exception as exc:
+            current = self._still_usable()
+            if current is not None:
+                now = _as_utc(self._clock())
+                remaining = current.expires_at - now
+                self._retry_refresh_at = now + min(self._refresh_retry_interval, remaining / 2)
+                log.warning(
+                    "IAM token refresh failed (%s: %s); still using the current token, which is "
+                    "valid for another %.0f s",
+                    type(exc).__name__,
+                    exc,
+                    remaining.total_seconds(),
+                )
+            raise
+        else:
             self._token = token
             self._fetched_at = _as_utc(self._clock())
+            self._retry_refresh_at = None
             return token
         finally:
             self._inflight = None
@@ -443,14 +477,25 @@ class TokenCache:
         """Return the cached token, fetching one when there is none or it is about to expire.
 
         While a fetch is in flight (also a forced one after a rejection) the caller joins it
-        rather than being handed a token that is about to be replaced.
+        rather than being handed a token that is about to be replaced. When the refresh fails but
+        the current token is still usable, that token is returned (see the class docstring).
         """
-        if self._inflight is not None:
-            return await asyncio.shield(self._inflight)
-        token, fetched_at = self._token, self._fetched_at
-        if token is not None and fetched_at is not None and self._is_fresh(token, fetched_at):
-            return token
-        return await self._shared_fetch()
+        try:
+            if self._inflight is not None:
+                return await asyncio.shield(self._inflight)
+            token, fetched_at = self._token, self._fetched_at
+            if token is not None and fetched_at is not None and self._is_fresh(token, fetched_at):
+                return token
+            retry_at = self._retry_refresh_at
+            usable = self._still_usable()
+            if usable is not None and retry_at is not None and _as_utc(self._clock()) < retry_at:
+                return usable
+            return await self._shared_fetch()
+        except Exception:
+            usable = self._still_usable()
+            if usable is None:
+                raise
+            return usable
 
     async def refresh_after_rejection(self, rejected: str) -> IssuedToken | None:
         """Return a token to retry with after the API rejected the token ``rejected``, or None.
@@ -459,6 +504,7 @@ class TokenCache:
         otherwise one forced fetch is made, unless the last forced fetch was less than
         ``min_forced_refresh_interval`` ago: then None tells the caller to give up this poll.
         """
+        self._rejected = rejected
         current = self._token
         if current is not None and current.value != rejected:
             return current

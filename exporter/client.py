@@ -9,22 +9,26 @@ body (which carries Redis passwords) is reduced to the few fields the exporter s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
+import yarl
 
 from exporter import __version__
 from exporter.auth import IssuedToken, TokenCache, canonical_query, parse_expires_at, sign_request
-from exporter.config import AkSkAuth, Auth, CloudConfig, PasswordAuth
-from exporter.throttle import Throttle
+from exporter.config import AkSkAuth, Auth, CloudConfig, PasswordAuth, Secret
+from exporter.throttle import Throttle, WaitTooLong
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,10 @@ GONE_CODES = frozenset({"DCS.4133"})  # "Instance job is not found": the task no
 # Signatures are checked against the gateway's clock; beyond this the gateway rejects them.
 SKEW_LIMIT_SECONDS = 300.0
 LIST_PAGE_SIZE = 100
+MAX_LIST_PAGES = 1000  # a server that ignores ``offset`` must not keep the lister going for ever
+_DELTA_SECONDS = re.compile(r"\s*[0-9]+(?:\.[0-9]+)?\s*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_REDACTED = "<redacted>"
 
 
 class ErrorKind(StrEnum):
@@ -65,6 +73,7 @@ class ApiError(Exception):
         code: str | None = None,
         retry_after: float | None = None,
         request_id: str | None = None,
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
         self.kind = kind
@@ -72,6 +81,7 @@ class ApiError(Exception):
         self.code = code
         self.retry_after = retry_after
         self.request_id = request_id
+        self.sent = sent  # False: failed before a request went out (pause in force, secret file)
 
     @property
     def status_label(self) -> str:
@@ -103,54 +113,91 @@ class ErrorBody:
 
     code: str | None
     message: str | None
+    request_id: str | None = None
 
 
-def parse_error_body(body: Any) -> ErrorBody:
-    """Read an error body in any shape the DCS and gateway APIs use.
+_ERROR_SHAPES = (("error_code", "error_msg"), ("errorCode", "errorMsg"), ("code", "message"))
 
-    Shapes seen: ``{"error_code","error_msg"}`` (DCS v2), ``{"errorCode","errorMsg"}``,
-    ``{"code","message"}``, and nested ``{"error": {"code","message"}}`` (v1 and Keystone).
+
+def _clip(value: Any, limit: int) -> str | None:
+    """A body value as one printable line of at most ``limit`` characters (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value, default=str)[: limit * 2]
+        except (RecursionError, ValueError):
+            text = f"<{type(value).__name__}>"
+    text = _CONTROL.sub(" ", text).strip()  # no forged log lines from a body
+    return text[:limit] or None
+
+
+def parse_error_body(body: Any, _depth: int = 0) -> ErrorBody:
+    """Read an error body in any shape the DCS and gateway APIs use; never raises.
+
+    Shapes, in the order the official SDK tries them: ``{"error_code","error_msg"}`` (DCS v2,
+    API gateway), ``{"errorCode","errorMsg"}``, ``{"code","message"}``, then the same inside any
+    nested object (``{"error": {...}}`` of v1 and IAM, ``{"badRequest": {...}}``). A shape whose
+    values are both null does not count. ``request_id`` comes from the body when it has one.
     """
-    if not isinstance(body, dict):
+    if not isinstance(body, dict) or _depth > 4:
         return ErrorBody(None, None)
-    for code_key, message_key in (
-        ("error_code", "error_msg"),
-        ("errorCode", "errorMsg"),
-        ("code", "message"),
-    ):
-        if code_key in body or message_key in body:
-            code, message = body.get(code_key), body.get(message_key)
-            return ErrorBody(
-                str(code)[:32] if code is not None else None,
-                str(message)[:300] if message is not None else None,
-            )
-    nested = body.get("error")
-    if isinstance(nested, dict):
-        return parse_error_body(nested)
-    return ErrorBody(None, None)
+    request_id = (
+        _clip(body.get("request_id"), 64) if isinstance(body.get("request_id"), str) else None
+    )
+    for code_key, message_key in _ERROR_SHAPES:
+        code, message = body.get(code_key), body.get(message_key)
+        if code is not None or message is not None:
+            return ErrorBody(_clip(code, 32), _clip(message, 300), request_id)
+    for value in body.values():
+        nested = parse_error_body(value, _depth + 1)
+        if nested.code is not None or nested.message is not None:
+            return ErrorBody(nested.code, nested.message, nested.request_id or request_id)
+    return ErrorBody(None, None, request_id)
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date).
+
+    ``now`` should be the server's time (its ``Date`` header) so that a skewed local clock does
+    not distort an HTTP date. Anything else (negative, ``nan``, garbage) gives None, which means
+    the caller's own backoff applies.
+    """
     if value is None:
         return None
-    value = value.strip()
+    if _DELTA_SECONDS.fullmatch(value):
+        return float(value)
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        when = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - now).total_seconds())
 
 
+def _server_time(headers: Mapping[str, str]) -> datetime | None:
+    """The server's clock from its ``Date`` header, if it sent a readable one."""
+    date = headers.get("Date")
+    if not date:
+        return None
+    try:
+        moment = parsedate_to_datetime(date)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def encode_segment(segment: str) -> str:
+    """Percent-encode one path segment exactly as the signer's canonical URI does."""
+    return quote(segment, safe="~")
+
+
 def _text_preview(raw: bytes) -> str:
     """The first ~200 characters of a body, on one line, for the log."""
-    text = raw[:400].decode("utf-8", errors="replace")
+    text = _CONTROL.sub(" ", raw[:400].decode("utf-8", errors="replace"))
     return " ".join(text.split())[:200]
 
 
@@ -171,7 +218,13 @@ class _Answer:
 
 
 class DcsClient:
-    """DCS calls for one project, with its auth, timeouts and throttle."""
+    """DCS calls for one project, with its auth, timeouts and throttle.
+
+    Bounds on one public call: waiting for the project's throttle takes at most ``timeout`` (else
+    ApiError THROTTLED with ``sent=False``), each HTTP exchange at most ``timeout``, and there is
+    at most one retry (after a token refresh or a clock correction). 429s are never retried here:
+    the poller asks again on its schedule, after the pause.
+    """
 
     def __init__(
         self,
@@ -190,10 +243,13 @@ class DcsClient:
         self._timeout = timeout
         self._throttle = throttle
         self._wall_clock = wall_clock
+        self._dcs_base = _normalised_base(cloud.dcs_endpoint)
+        self._iam_base = _normalised_base(cloud.iam_endpoint)
         self._project_id = cloud.project_id
         self._project_lock = asyncio.Lock()
         self.clock_skew: float | None = None  # server Date minus local clock, once measured
         self._clock_correction = 0.0
+        self._recent_tokens: deque[str] = deque(maxlen=4)  # for scrubbing error texts
         self.tokens: TokenCache | None = None
         if isinstance(auth, PasswordAuth):
             self.tokens = TokenCache(
@@ -211,48 +267,116 @@ class DcsClient:
 
     async def get_stats(self, task_id: str) -> Any:
         """The decoded stats body of one task (shape checked by stats.parse_stats)."""
-        project = await self.project_id()
-        return await self._dcs_get(f"/v2/{project}/migration-task/{quote(task_id)}/stats")
+        with self._scrubbed():
+            project = await self.project_id()
+            return await self._dcs_get(("v2", project, "migration-task", task_id, "stats"))
 
     async def get_task(self, task_id: str) -> TaskDetails:
         """The task's name, status and instance names; the rest of the body is dropped."""
-        project = await self.project_id()
-        body = await self._dcs_get(f"/v2/{project}/migration-task/{quote(task_id)}")
-        if not isinstance(body, dict):
-            raise ApiError(ErrorKind.UNEXPECTED_SHAPE, "task details: expected a JSON object")
-        return _details_from(body, task_id)
+        with self._scrubbed():
+            project = await self.project_id()
+            body = await self._dcs_get(("v2", project, "migration-task", task_id))
+            if not isinstance(body, dict):
+                raise ApiError(ErrorKind.UNEXPECTED_SHAPE, "task details: expected a JSON object")
+            return _details_from(body, task_id)
 
     async def list_tasks(self, name: str | None = None) -> list[TaskDetails]:
         """Every migration task of the project, following the offset/limit pages."""
-        project = await self.project_id()
-        tasks: list[TaskDetails] = []
-        offset = 0
-        while True:
-            query: list[tuple[str, str]] = [("offset", str(offset)), ("limit", str(LIST_PAGE_SIZE))]
-            if name:
-                query.append(("name", name))
-            body = await self._dcs_get(f"/v2/{project}/migration-tasks", query)
-            entries = body.get("migration_tasks") if isinstance(body, dict) else None
-            if not isinstance(entries, list):
-                raise ApiError(ErrorKind.UNEXPECTED_SHAPE, "task list: no migration_tasks list")
-            tasks.extend(
-                _details_from(entry, str(entry.get("task_id", "")))
-                for entry in entries
-                if isinstance(entry, dict) and entry.get("task_id")
+        with self._scrubbed():
+            project = await self.project_id()
+            tasks: list[TaskDetails] = []
+            offset = 0
+            for _ in range(MAX_LIST_PAGES):
+                query = [("offset", str(offset)), ("limit", str(LIST_PAGE_SIZE))]
+                if name:
+                    query.append(("name", name))
+                body = await self._dcs_get(("v2", project, "migration-tasks"), query)
+                entries = body.get("migration_tasks") if isinstance(body, dict) else None
+                if not isinstance(entries, list):
+                    raise ApiError(ErrorKind.UNEXPECTED_SHAPE, "task list: no migration_tasks list")
+                tasks.extend(
+                    _details_from(entry, str(entry["task_id"]))
+                    for entry in entries
+                    if isinstance(entry, dict) and entry.get("task_id")
+                )
+                count = body.get("count")
+                if isinstance(count, str) and count.strip().isdigit():
+                    count = int(count)
+                offset += len(entries)
+                if not entries or (isinstance(count, int) and offset >= count):
+                    return tasks
+            raise ApiError(
+                ErrorKind.UNEXPECTED_SHAPE,
+                f"task list: still not complete after {MAX_LIST_PAGES} pages",
             )
-            count = body.get("count") if isinstance(body, dict) else None
-            offset += len(entries)
-            if not entries or (isinstance(count, int) and offset >= count):
-                return tasks
 
     async def project_id(self) -> str:
         """The configured project ID, or the one IAM knows by the project's name (looked up once)."""
         if self._project_id is not None:
             return self._project_id
-        async with self._project_lock:
-            if self._project_id is None:
-                self._project_id = await self._resolve_project_id()
-        return self._project_id
+        with self._scrubbed():
+            async with self._project_lock:
+                if self._project_id is None:
+                    self._project_id = await self._resolve_project_id()
+            return self._project_id
+
+    # ---- secrets --------------------------------------------------------------------------
+
+    def _secret_values(self) -> Iterator[str]:
+        """Every secret this client might have put on the wire, for scrubbing texts."""
+        yield from self._recent_tokens
+        auth = self._auth
+        secrets: list[Secret | None] = (
+            [auth.secret_key, auth.security_token]
+            if isinstance(auth, AkSkAuth)
+            else [auth.password]
+        )
+        for secret in secrets:
+            if secret is None:
+                continue
+            try:
+                value = secret.read()
+            except (OSError, ValueError):
+                continue
+            if value:
+                yield value
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every known secret replaced: no secret leaves this module in a message."""
+        for value in self._secret_values():
+            if len(value) >= 4:
+                text = text.replace(value, _REDACTED)
+        return text
+
+    @contextlib.contextmanager
+    def _scrubbed(self) -> Iterator[None]:
+        """A context in which an escaping ApiError has its message scrubbed of secrets."""
+        try:
+            yield
+        except ApiError as error:
+            text = str(error)
+            clean = self.scrub(text)
+            if clean != text:
+                error.args = (clean,)
+            raise
+
+    @staticmethod
+    def _read_secret(secret: Secret, what: str) -> str:
+        """A secret's current value; a missing or empty file is an AUTH error naming the file."""
+        where = f" from {secret.file}" if secret.file else ""
+        try:
+            value = secret.read()
+        except OSError as exc:
+            raise ApiError(
+                ErrorKind.AUTH, f"cannot read the {what}{where}: {exc.strerror}", sent=False
+            ) from None
+        except ValueError:
+            raise ApiError(
+                ErrorKind.AUTH, f"cannot read the {what}{where}: not UTF-8 text", sent=False
+            ) from None
+        if not value:
+            raise ApiError(ErrorKind.AUTH, f"the {what}{where} is empty", sent=False)
+        return value
 
     # ---- auth -----------------------------------------------------------------------------
 
@@ -266,24 +390,34 @@ class DcsClient:
             token = await self.tokens.get()
             if token.project_id:
                 return token.project_id
-        url = f"{self._cloud.iam_endpoint}/projects"
-        body = await self._get_json(url, [("name", self._project_name)], project_header=False)
+        body = await self._get_json(
+            f"{self._iam_base}/projects", [("name", self._project_name)], project_header=False
+        )
         projects = body.get("projects") if isinstance(body, dict) else None
-        if (
-            not isinstance(projects, list)
-            or len(projects) != 1
-            or not isinstance(projects[0], dict)
-        ):
+        if not isinstance(projects, list) or len(projects) != 1:
             found = len(projects) if isinstance(projects, list) else 0
             raise ApiError(
                 ErrorKind.CLIENT_ERROR,
                 f"IAM knows {found} projects named {self._project_name!r}; "
                 "set cloud.project_id or cloud.project_name",
             )
-        return str(projects[0].get("id"))
+        project = projects[0]
+        project_id = project.get("id") if isinstance(project, dict) else None
+        if not isinstance(project_id, str) or not project_id.strip():
+            raise ApiError(ErrorKind.UNEXPECTED_SHAPE, "IAM project lookup: the project has no id")
+        return project_id
 
     async def _fetch_token(self) -> IssuedToken:
-        """Ask IAM for a project-scoped token with the configured password."""
+        """Ask IAM for a project-scoped token with the configured password.
+
+        The token's expiry is moved onto the local clock (issue time on the local clock plus the
+        lifetime IAM gave), so that a host clock that is off neither makes every call refetch a
+        token that looks expired nor keeps using one that has expired.
+        """
+        with self._scrubbed():
+            return await self._fetch_token_unscrubbed()
+
+    async def _fetch_token_unscrubbed(self) -> IssuedToken:
         auth = self._auth
         assert isinstance(auth, PasswordAuth)
         scope: dict[str, str] = (
@@ -298,7 +432,7 @@ class DcsClient:
                     "password": {
                         "user": {
                             "name": auth.username,
-                            "password": auth.password.read(),
+                            "password": self._read_secret(auth.password, "IAM password"),
                             "domain": {"name": auth.domain_name},
                         }
                     },
@@ -306,20 +440,42 @@ class DcsClient:
                 "scope": {"project": scope},
             }
         }
-        url = f"{self._cloud.iam_endpoint}/auth/tokens?nocatalog=true"
+        url = f"{self._iam_base}/auth/tokens?nocatalog=true"
         headers = {"Content-Type": "application/json;charset=utf8", "User-Agent": USER_AGENT}
+        asked_at = self._wall_clock()
         answer = await self._send("POST", url, headers, json.dumps(payload).encode())
         if answer.status not in (200, 201):
             raise self._error_for(answer, what="IAM token request")
         token = answer.headers.get("X-Subject-Token")
         body = _decode(answer)
-        expires = body.get("token", {}).get("expires_at") if isinstance(body, dict) else None
-        if not token or not isinstance(expires, str):
+        info = body.get("token") if isinstance(body, dict) else None
+        if not token or not isinstance(info, dict) or not isinstance(info.get("expires_at"), str):
             raise ApiError(ErrorKind.AUTH, "IAM token answer lacks X-Subject-Token or expires_at")
-        project = body["token"].get("project") if isinstance(body["token"], dict) else None
+        self._recent_tokens.append(token)
+        try:
+            expires_at = parse_expires_at(info["expires_at"])
+            issued_at = (
+                parse_expires_at(info["issued_at"])
+                if isinstance(info.get("issued_at"), str)
+                else None
+            )
+        except ValueError as exc:
+            raise ApiError(ErrorKind.AUTH, f"IAM token answer: {exc}") from None
+        local_expiry = expires_at
+        if issued_at is not None and issued_at <= expires_at:
+            local_expiry = asked_at + (expires_at - issued_at)
+        project = info.get("project")
         project_id = project.get("id") if isinstance(project, dict) else None
-        log.info("obtained an IAM token for user %s, valid until %s", auth.username, expires)
-        return IssuedToken(value=token, expires_at=parse_expires_at(expires), project_id=project_id)
+        log.info(
+            "obtained an IAM token for user %s, valid until %s",
+            auth.username,
+            info["expires_at"],
+        )
+        return IssuedToken(
+            value=token,
+            expires_at=local_expiry,
+            project_id=project_id if isinstance(project_id, str) and project_id else None,
+        )
 
     async def _auth_headers(self, method: str, url: str, project_header: bool) -> dict[str, str]:
         """Headers that authenticate one attempt; a signature is always made fresh."""
@@ -329,37 +485,55 @@ class DcsClient:
             if project_header and self._project_id:
                 headers["X-Project-Id"] = self._project_id
             if auth.security_token is not None:
-                headers["X-Security-Token"] = auth.security_token.read()
+                headers["X-Security-Token"] = self._read_secret(
+                    auth.security_token, "security token"
+                )
+            secret_key = self._read_secret(auth.secret_key, "secret key")
             now = self._wall_clock() + timedelta(seconds=self._clock_correction)
-            return sign_request(
-                method, url, headers, b"", auth.access_key, auth.secret_key.read(), now
-            )
+            return sign_request(method, url, headers, b"", auth.access_key, secret_key, now)
         assert self.tokens is not None
-        headers["X-Auth-Token"] = (await self.tokens.get()).value
+        token = (await self.tokens.get()).value
+        if token not in self._recent_tokens:
+            self._recent_tokens.append(token)
+        headers["X-Auth-Token"] = token
         return headers
 
     # ---- transport ------------------------------------------------------------------------
 
-    async def _dcs_get(self, path: str, query: Sequence[tuple[str, str]] = ()) -> Any:
-        return await self._get_json(f"{self._cloud.dcs_endpoint}{path}", query, project_header=True)
+    async def _dcs_get(self, segments: Sequence[str], query: Sequence[tuple[str, str]] = ()) -> Any:
+        path = "/".join(encode_segment(segment) for segment in segments)
+        return await self._get_json(f"{self._dcs_base}/{path}", query, project_header=True)
 
     async def _get_json(
         self, url: str, query: Sequence[tuple[str, str]], *, project_header: bool
     ) -> Any:
-        """GET with auth, one retry after a token refresh or skew correction, then decode."""
+        """GET with auth, one retry after a token refresh or skew correction, then decode.
+
+        ``url`` is already percent-encoded; the query is sent in the canonical form that is
+        signed, and nothing re-encodes either on the way out.
+        """
         if query:
             url = f"{url}?{canonical_query(query)}"
+        what = f"GET {_display_path(url)}"
         retried = False
         while True:
-            await self._throttle.acquire()
+            try:
+                granted = await self._throttle.acquire(max_wait=self._timeout)
+            except WaitTooLong as exc:
+                raise ApiError(
+                    ErrorKind.THROTTLED,
+                    f"{what}: not sent: {exc}",
+                    retry_after=exc.wait,
+                    sent=False,
+                ) from None
             headers = await self._auth_headers("GET", url, project_header)
             answer = await self._send("GET", url, headers, b"")
             if 200 <= answer.status < 300:
-                self._throttle.succeeded()
+                self._throttle.succeeded(sent_at=granted)
                 return _decode(answer)
-            error = self._error_for(answer, what=f"GET {urlsplit(url).path}")
+            error = self._error_for(answer, what=what)
             if answer.status == 429:
-                pause = self._throttle.throttled(error.retry_after)
+                pause = self._throttle.throttled(error.retry_after, sent_at=granted)
                 log.warning(
                     "throttled by the API (%s); pausing the project for %.1fs", error, pause
                 )
@@ -383,74 +557,85 @@ class DcsClient:
         return self._correct_clock(answer)
 
     def _correct_clock(self, answer: _Answer) -> bool:
-        """Measure skew from the server's Date header; correct signing time when it is too large."""
-        date = answer.headers.get("Date")
-        if not date:
+        """Measure skew from the server's Date header after a rejected signature.
+
+        Beyond SKEW_LIMIT_SECONDS the gateway refuses signatures, so the signing time follows
+        the server's clock from then on; when the host clock has been fixed (skew back under the
+        limit) the correction is dropped again. True when the correction changed, so a retry
+        can succeed; a second rejection with the same skew is not retried.
+        """
+        server_time = _server_time(answer.headers)
+        if server_time is None:
             return False
-        try:
-            server_time = parsedate_to_datetime(date)
-        except (TypeError, ValueError):
-            return False
-        if server_time.tzinfo is None:
-            server_time = server_time.replace(tzinfo=UTC)
         skew = (server_time - self._wall_clock()).total_seconds()
         self.clock_skew = skew
-        if abs(skew) < SKEW_LIMIT_SECONDS or abs(skew - self._clock_correction) < 2.0:
+        wanted = skew if abs(skew) >= SKEW_LIMIT_SECONDS else 0.0
+        if abs(wanted - self._clock_correction) < 2.0:
             return False
-        log.error(
-            "signature rejected and the local clock differs from the API server's Date header by "
-            "%.0f s; fix the host clock (NTP). Signing with the server's time from now on.",
-            skew,
-        )
-        self._clock_correction = skew
+        if wanted:
+            log.error(
+                "signature rejected and the local clock differs from the API server's Date "
+                "header by %.0f s; fix the host clock (NTP). Signing with the server's time "
+                "from now on.",
+                skew,
+            )
+        else:
+            log.warning(
+                "signature rejected; the local clock now agrees with the API server's Date "
+                "header (%.0f s apart), so the earlier correction of %.0f s is dropped",
+                skew,
+                self._clock_correction,
+            )
+        self._clock_correction = wanted
         return True
 
     async def _send(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes
     ) -> _Answer:
-        """One HTTP exchange with a hard deadline; a reset keep-alive connection is retried once."""
+        """One HTTP exchange with a hard deadline, sent byte for byte as signed.
+
+        ``url`` is already encoded, so it is handed over as ``yarl.URL(..., encoded=True)``: a
+        plain string would be re-quoted (``%2A`` becomes ``*``) and differ from what was signed.
+        Redirects are not followed: they would carry X-Auth-Token to wherever they point. aiohttp
+        itself repeats an idempotent request once when a pooled connection turns out closed.
+        """
         timeout = aiohttp.ClientTimeout(total=self._timeout)
-        for attempt in (1, 2):
-            try:
-                async with self._session.request(
-                    method, url, headers=headers, data=body or None, timeout=timeout
-                ) as response:
-                    raw = await _read_bounded(response)
-                    if raw is None:
-                        raise ApiError(
-                            ErrorKind.INVALID_JSON,
-                            f"{method} {urlsplit(url).path}: body larger than {MAX_BODY_BYTES} bytes",
-                            status=response.status,
-                        )
-                    return _Answer(
+        target = yarl.URL(url, encoded=True)
+        what = f"{method} {_display_path(url)}"
+        try:
+            async with self._session.request(
+                method,
+                target,
+                headers=headers,
+                data=body or None,
+                timeout=timeout,
+                allow_redirects=False,
+            ) as response:
+                raw = await _read_bounded(response)
+                if raw is None:
+                    raise ApiError(
+                        ErrorKind.INVALID_JSON,
+                        f"{what}: body larger than {MAX_BODY_BYTES} bytes",
                         status=response.status,
-                        headers=response.headers,
-                        raw=raw,
-                        content_type=response.headers.get("Content-Type", ""),
                     )
-            except TimeoutError:
-                raise ApiError(
-                    ErrorKind.TIMEOUT,
-                    f"{method} {urlsplit(url).path}: no complete answer within {self._timeout:g}s",
-                ) from None
-            except aiohttp.ServerDisconnectedError:
-                # A pooled connection the server had already closed; safe to repeat a GET once.
-                if attempt == 1 and method == "GET":
-                    continue
-                raise ApiError(
-                    ErrorKind.CONNECTION, f"{method} {urlsplit(url).path}: server disconnected"
-                ) from None
-            except aiohttp.ClientError as exc:
-                raise ApiError(
-                    ErrorKind.CONNECTION,
-                    f"{method} {urlsplit(url).path}: {type(exc).__name__}: {exc}",
-                ) from None
-        raise AssertionError("unreachable")
+                return _Answer(
+                    status=response.status,
+                    headers=response.headers,
+                    raw=raw,
+                    content_type=response.headers.get("Content-Type", ""),
+                )
+        except TimeoutError:
+            raise ApiError(
+                ErrorKind.TIMEOUT, f"{what}: no complete answer within {self._timeout:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise ApiError(ErrorKind.CONNECTION, f"{what}: {type(exc).__name__}: {exc}") from None
 
     def _error_for(self, answer: _Answer, *, what: str) -> ApiError:
-        """Classify a non-2xx answer."""
+        """Classify a non-2xx answer; the message is scrubbed of secrets."""
         error = parse_error_body(_decode_quietly(answer))
         status = answer.status
+        hint = ""
         if error.code in GONE_CODES or status == 404:
             kind = ErrorKind.NOT_FOUND
         elif status == 429:
@@ -459,8 +644,13 @@ class DcsClient:
             kind = ErrorKind.AUTH
         elif status == 403:
             kind = ErrorKind.PERMISSION
+            hint = "; permission denied: the credentials may not read DCS migration tasks"
         elif status >= 500:
             kind = ErrorKind.SERVER_ERROR
+        elif 300 <= status < 400:
+            kind = ErrorKind.CLIENT_ERROR
+            location = yarl.URL(answer.headers.get("Location", ""))
+            hint = f"; redirect to {location.origin() if location.absolute else 'a relative URL'} not followed (check the endpoint)"
         else:
             kind = ErrorKind.CLIENT_ERROR
         if error.code or error.message:
@@ -469,16 +659,29 @@ class DcsClient:
             detail = (
                 f"content-type {answer.content_type or 'none'}, body {_text_preview(answer.raw)!r}"
             )
-        request_id = answer.headers.get("X-Request-Id")
+        request_id = _clip(answer.headers.get("X-Request-Id"), 64) or error.request_id
+        server_now = _server_time(answer.headers) or self._wall_clock()
+        message = f"{what}: HTTP {status} {detail}{hint}" + (
+            f" (request id {request_id})" if request_id else ""
+        )
         return ApiError(
             kind,
-            f"{what}: HTTP {status} {detail}"
-            + (f" (request id {request_id})" if request_id else ""),
+            self.scrub(message),
             status=status,
             code=error.code,
-            retry_after=parse_retry_after(answer.headers.get("Retry-After"), self._wall_clock()),
+            retry_after=parse_retry_after(answer.headers.get("Retry-After"), server_now),
             request_id=request_id,
         )
+
+
+def _normalised_base(endpoint: str) -> str:
+    """An endpoint in its encoded form (IDNA host, quoted path), without a trailing slash."""
+    return str(yarl.URL(endpoint)).rstrip("/")
+
+
+def _display_path(url: str) -> str:
+    """The path of an encoded URL, for messages."""
+    return yarl.URL(url, encoded=True).raw_path
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes | None:
@@ -501,10 +704,11 @@ def _decode(answer: _Answer) -> Any:
         )
     try:
         return json.loads(answer.raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise ApiError(
             ErrorKind.INVALID_JSON,
-            f"HTTP {answer.status} body is not JSON ({exc}); content-type "
+            f"HTTP {answer.status} body is not JSON ({reason}); content-type "
             f"{answer.content_type or 'none'}, body {_text_preview(answer.raw)!r}",
             status=answer.status,
         ) from None
@@ -514,7 +718,7 @@ def _decode_quietly(answer: _Answer) -> Any:
     """An error answer's JSON body, or None when it has none (HTML from a proxy, say)."""
     try:
         return json.loads(answer.raw) if answer.raw.strip() else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
 
