@@ -336,8 +336,9 @@ class Poller:
         )
 
     def _count_api_error(self, task: TaskState, error: ApiError) -> None:
-        """Count error answers (and timeouts, connection failures); a broken 200 is not one."""
-        if error.status is not None and 200 <= error.status < 300:
+        """Count error answers (and timeouts, connection failures); a broken 200 is not one, nor is
+        a request that never went out (the project was paused)."""
+        if not error.sent or (error.status is not None and 200 <= error.status < 300):
             return
         code = self.state.code_label(error.code)
         task.api_errors[(error.status_label, code)] += 1

@@ -356,3 +356,29 @@ async def test_run_keeps_a_fixed_grid(
     assert len(times) <= 11
     assert_cadence(times, 0.2, minimum=9)
     assert state.poll_cycles_total >= 9
+
+
+async def test_a_poll_not_sent_during_a_pause_is_not_an_api_error(
+    sim_server: SimServer, session: aiohttp.ClientSession
+) -> None:
+    """After a 429 with a long Retry-After, polls fail as throttled without a request, and only the
+    answer that was really received counts in api_errors."""
+    rig = make_rig(sim_server, session, (TASK_A,), timeout=0.2)
+    throttled = CannedResponse(
+        status=429,
+        headers={"Retry-After": "120"},
+        body={"error_code": "APIG.0308", "error_msg": "throttled (illustrative)"},
+    )
+    sim_server.sim.push(TASK_A, throttled)
+    for _ in range(3):
+        await rig.round()
+    metrics = rig.scrape()
+    assert rig.stats_requests(TASK_A) == 1
+    assert metrics.series("dcs_migration_api_errors_total", task_id=TASK_A) == {
+        (
+            "dcs_migration_api_errors_total",
+            (("code", "APIG.0308"), ("status", "429"), ("task_id", TASK_A)),
+        ): 1.0
+    }
+    assert metrics.get("dcs_migration_poll_errors_total", task_id=TASK_A, reason="throttled") == 3
+    assert metrics.get("dcs_migration_up", task_id=TASK_A) == 0
