@@ -21,6 +21,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import itemgetter
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -188,15 +189,24 @@ class ExpositionRenderer:
 
     def render(self, openmetrics: bool) -> bytes:
         """The exposition of every family of DcsCollector, in the chosen format."""
+        return b"".join(self.render_chunks(openmetrics))
+
+    def render_chunks(self, openmetrics: bool) -> tuple[bytes, ...]:
+        """The same exposition as one chunk per family.
+
+        A single buffer of ~12 MB per rebuild (10,000 tasks) makes glibc raise its mmap threshold
+        and carve later ones from the heap, which fragments it: RSS grew by 40 MB under steady
+        polling. Family-sized chunks (about 1 MB) do not.
+        """
         entries = self._refresh()
-        frame = self._frame(openmetrics)
-        parts: list[bytes] = []
-        for name, block in frame:
-            parts.append(block)
+        chunks: list[bytes] = []
+        for name, block in self._frame(openmetrics):
             index = _FAMILY_INDEX.get(name)
-            if index is not None:
-                parts.extend(map(_GETTERS[index], entries))
-        return b"".join(parts)
+            if index is None:
+                chunks.append(block)
+            else:
+                chunks.append(b"".join(chain((block,), map(_GETTERS[index], entries))))
+        return tuple(chunks)
 
     def _refresh(self) -> list[tuple[bytes, ...]]:
         """Every task's lines in state order, rebuilding those whose fingerprint moved."""
@@ -249,24 +259,37 @@ class Rendering:
 
     version: int
     built_at: float  # monotonic
-    body: bytes
+    chunks: tuple[bytes, ...]  # see ExpositionRenderer.render_chunks
     gzip_prefix: bytes = b""
     # Compressor that has consumed ``body`` but is not flushed: each scrape copies it and appends
     # the process metrics, so they stay fresh without compressing the big part again.
     compressor: zlib._Compress | None = field(default=None, repr=False)
     compressing: asyncio.Task[None] | None = field(default=None, repr=False)
+    _last_gzip: tuple[bytes, bytes] | None = field(default=None, repr=False)
+
+    @property
+    def body(self) -> bytes:
+        """The whole rendering in one buffer."""
+        return b"".join(self.chunks)
 
     def gzip_with(self, tail: bytes) -> bytes:
-        """One gzip member holding ``body + tail``; needs the compressed prefix (see gzip())."""
+        """One gzip stream holding ``body + tail``; needs the compressed prefix (see gzipped()).
+
+        The result for the last tail is kept: scrapes that share a tail share the bytes.
+        """
+        if self._last_gzip is not None and self._last_gzip[0] is tail:
+            return self._last_gzip[1]
         assert self.compressor is not None
         compressor = self.compressor.copy()
-        return self.gzip_prefix + compressor.compress(tail) + compressor.flush()
+        result = b"".join((self.gzip_prefix, compressor.compress(tail), compressor.flush()))
+        self._last_gzip = (tail, result)
+        return result
 
 
-def _compress(body: bytes) -> tuple[bytes, zlib._Compress]:
-    """Deflate ``body`` without finishing the stream; zlib releases the GIL, so a thread helps."""
+def _compress(chunks: tuple[bytes, ...]) -> tuple[bytes, zlib._Compress]:
+    """Deflate ``chunks`` without finishing the stream; zlib releases the GIL, so a thread helps."""
     compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
-    return compressor.compress(body), compressor
+    return b"".join([compressor.compress(chunk) for chunk in chunks]), compressor
 
 
 class ExpositionCache:
@@ -309,7 +332,7 @@ class ExpositionCache:
             return latest, False
         version = self.state.version
         started = time.perf_counter()
-        latest = Rendering(version, now, self.renderer.render(openmetrics))
+        latest = Rendering(version, now, self.renderer.render_chunks(openmetrics))
         self._last_build_seconds[openmetrics] = time.perf_counter() - started
         self._latest[openmetrics] = latest
         self.builds += 1
@@ -325,8 +348,8 @@ class ExpositionCache:
         latest, rebuilt = self._current(openmetrics)
         if latest.compressor is not None:
             return latest
-        if len(latest.body) < self._thread_compress_bytes:
-            self._compressed(openmetrics, latest, *_compress(latest.body))
+        if sum(map(len, latest.chunks)) < self._thread_compress_bytes:
+            self._compressed(openmetrics, latest, *_compress(latest.chunks))
             return latest
         if latest.compressing is None:
             latest.compressing = asyncio.get_running_loop().create_task(
@@ -341,7 +364,7 @@ class ExpositionCache:
 
     async def _compress_rendering(self, openmetrics: bool, rendering: Rendering) -> None:
         loop = asyncio.get_running_loop()
-        prefix, compressor = await loop.run_in_executor(None, _compress, rendering.body)
+        prefix, compressor = await loop.run_in_executor(None, _compress, rendering.chunks)
         self._compressed(openmetrics, rendering, prefix, compressor)
 
     def _compressed(

@@ -24,7 +24,7 @@ from exporter.collector import DcsCollector
 from exporter.exposition import ExpositionCache, ExpositionRenderer, format_value
 from exporter.state import ExporterState, TaskState
 from exporter.stats import StatsRecord
-from exporter.web import create_app
+from exporter.web import MetricsRenderer, create_app
 
 # Label values with everything that needs escaping, and some that does not.
 label_text = st.text(alphabet=st.sampled_from('ab-_"\\\n é✓0'), max_size=8)
@@ -231,6 +231,24 @@ async def test_gzip_holds_body_and_tail(thread_compress_bytes: int) -> None:
     assert gzip.decompress(rendering.gzip_with(b"tail\n")) == rendering.body + b"tail\n"
 
 
+async def test_gzip_for_the_same_tail_is_shared() -> None:
+    """Scrapes with the same tail object get the same finished bytes; a new tail gets its own."""
+    rendering = await ExpositionCache(sample_state(3)).gzipped(False)
+    tail = b"process_open_fds 7.0\n"
+    first = rendering.gzip_with(tail)
+    assert rendering.gzip_with(tail) is first
+    other = rendering.gzip_with(b"process_open_fds 8.0\n")
+    assert gzip.decompress(other) == rendering.body + b"process_open_fds 8.0\n"
+
+
+def test_chunks_are_one_per_family() -> None:
+    """The rendering comes as one chunk per family, which join to the whole exposition."""
+    state = sample_state(4)
+    chunks = ExpositionRenderer(state).render_chunks(True)
+    assert b"".join(chunks) == reference(state, True)
+    assert all(chunk.startswith(b"# HELP ") and chunk.count(b"# HELP ") == 1 for chunk in chunks)
+
+
 async def test_scrape_during_compression_gets_previous_gzip() -> None:
     """While a new rendering compresses, other gzip scrapes get the previous one, not a wait."""
     state = sample_state(5)
@@ -311,3 +329,16 @@ async def test_metrics_endpoint_negotiates_gzip_and_format(openmetrics: bool) ->
         assert body.startswith(ours)
         assert b"process_cpu_seconds" in body[len(ours) :]
         assert body.endswith(b"# EOF\n") == openmetrics
+
+
+async def test_scrapes_within_a_second_share_the_gzip_bytes() -> None:
+    """Process metrics are rendered at most once a second, so scrapes in between share one gzip."""
+    clock = FakeClock()
+    renderer = MetricsRenderer(sample_state(3), monotonic=clock)
+    first = await renderer.render_gzip(True)
+    clock.now += 0.5
+    assert await renderer.render_gzip(True) is first
+    clock.now += 0.5
+    later = await renderer.render_gzip(True)
+    assert later is not first
+    assert gzip.decompress(later).endswith(b"# EOF\n")
