@@ -32,6 +32,7 @@ from exporter.state import ExporterState
 from exporter.web_config import WebConfig, auth_middleware
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PROCESS_METRICS_MAX_AGE = 1.0  # seconds
 Reload = Callable[[], Awaitable[str | None]]  # returns None on success, else the error
 
 
@@ -58,25 +59,39 @@ def health(state: ExporterState, max_cycle_age: float, started: float, now: floa
 
 
 class MetricsRenderer:
-    """The exposition: our families from a cache (exporter.exposition), process metrics fresh."""
+    """The exposition: our families from a cache (exporter.exposition), then process metrics."""
 
-    def __init__(self, state: ExporterState) -> None:
+    def __init__(
+        self, state: ExporterState, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self.state = state
         self.cache = ExpositionCache(state)
+        self._monotonic = monotonic
+        self._process: dict[bool, tuple[float, bytes]] = {}
 
     def render(self, openmetrics: bool) -> bytes:
         """The full exposition in the chosen format."""
-        return self.cache.current(openmetrics).body + _process_exposition(openmetrics)
+        return self.cache.current(openmetrics).body + self._process_exposition(openmetrics)
 
     async def render_gzip(self, openmetrics: bool) -> bytes:
         """The same, gzip-compressed; the big part is compressed once per rendering, not per scrape."""
         rendering = await self.cache.gzipped(openmetrics)
-        return rendering.gzip_with(_process_exposition(openmetrics))
+        return rendering.gzip_with(self._process_exposition(openmetrics))
 
+    def _process_exposition(self, openmetrics: bool) -> bytes:
+        """Process metrics, rendered at most once per PROCESS_METRICS_MAX_AGE.
 
-def _process_exposition(openmetrics: bool) -> bytes:
-    """Process metrics change between scrapes; they are few and cheap to render."""
-    return (generate_openmetrics if openmetrics else generate_latest)(_process_registry)
+        Reading /proc and formatting them costs more than serving the cached rest (~0.4 ms), and
+        nobody needs CPU time fresher than a second; the same bytes also let scrapes share the
+        finished gzip stream.
+        """
+        now = self._monotonic()
+        cached = self._process.get(openmetrics)
+        if cached is None or now - cached[0] >= PROCESS_METRICS_MAX_AGE:
+            generate = generate_openmetrics if openmetrics else generate_latest
+            cached = (now, generate(_process_registry))
+            self._process[openmetrics] = cached
+        return cached[1]
 
 
 _process_registry = CollectorRegistry(auto_describe=False)
