@@ -111,7 +111,7 @@ def create_app(
     state: ExporterState,
     *,
     web_config: WebConfig | None = None,
-    max_cycle_age: float = 90.0,
+    max_cycle_age: float | Callable[[], float] = 90.0,  # a callable follows config reloads
     reload: Reload | None = None,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> web.Application:
@@ -135,7 +135,8 @@ def create_app(
         return web.Response(body=body, headers=headers)
 
     def _health() -> Health:
-        return health(state, max_cycle_age, started, monotonic())
+        limit = max_cycle_age() if callable(max_cycle_age) else max_cycle_age
+        return health(state, limit, started, monotonic())
 
     async def healthz(request: web.Request) -> web.Response:
         result = _health()
