@@ -190,7 +190,7 @@ class Daemon:
         app = create_app(
             self.state,
             web_config=self.web_config,
-            max_cycle_age=max_cycle_age(self.config),
+            max_cycle_age=lambda: max_cycle_age(self.config),  # follows reloads
             reload=self.reload if self.load_config else None,
         )
         self._runner = web.AppRunner(

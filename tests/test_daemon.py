@@ -250,3 +250,30 @@ async def test_sighup_before_start_is_ignored(
     await asyncio.sleep(0)
     assert not caplog.records
     assert daemon.state.config_reload_failures_total == 0
+
+
+async def test_health_limit_follows_a_reloaded_interval(
+    sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
+) -> None:
+    """After a reload to a longer interval, rounds further apart than the old limit keep the
+    daemon alive and ready (a probe must not kill it for following its new config)."""
+    path = tmp_path / "config.yaml"
+    fast = "polling:\n  interval: 200ms\n  timeout: 300ms\n"  # health limit 0.8 s
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), fast))
+    running = await start_daemon(path)
+    await running.until(up())
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), "polling:\n  interval: 5s\n"))
+    assert (await running.reload())[0] == 200
+    # The old scheduler has stopped; wait for the new one's first round (within 0.5 s).
+    state = running.daemon.state
+    cycles = state.poll_cycles_total
+    deadline = time.monotonic() + 3
+    while state.poll_cycles_total == cycles:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    cycles = state.poll_cycles_total
+    await asyncio.sleep(1.5)  # no round for 1.5 s: beyond the old limit, within the new one
+    assert state.poll_cycles_total == cycles
+    for probe in ("/healthz", "/ready"):
+        async with running.session.get(f"{running.base}{probe}") as response:
+            assert response.status == 200, await response.text()
