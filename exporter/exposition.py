@@ -19,7 +19,7 @@ import dataclasses
 import math
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
@@ -182,8 +182,9 @@ def _family_blocks(body: bytes) -> list[tuple[str, bytes]]:
 class ExpositionRenderer:
     """The exporter's own families (no process metrics, no ``# EOF``), built fast from the state."""
 
-    def __init__(self, state: ExporterState) -> None:
+    def __init__(self, state: ExporterState, *, slice_tasks: int = 500) -> None:
         self.state = state
+        self.slice_tasks = slice_tasks  # tasks per slice of an async rebuild: a few milliseconds
         self._entries: dict[str, _Entry] = {}
         self.tasks_rendered = 0  # tasks whose lines were (re)built, for tests and the benchmark
 
@@ -198,31 +199,52 @@ class ExpositionRenderer:
         and carve later ones from the heap, which fragments it: RSS grew by 40 MB under steady
         polling. Family-sized chunks (about 1 MB) do not.
         """
-        entries = self._refresh()
         chunks: list[bytes] = []
-        for name, block in self._frame(openmetrics):
+        for _ in self._build(openmetrics, chunks):
+            pass
+        return tuple(chunks)
+
+    async def render_chunks_async(self, openmetrics: bool) -> tuple[tuple[bytes, ...], float]:
+        """render_chunks() in slices, letting the event loop run in between; also the CPU spent.
+
+        Scrapes served from the cache and polls go on during a rebuild instead of waiting for it
+        (at 10,000 tasks a whole rebuild is tens of milliseconds, a first one several hundred).
+        """
+        chunks: list[bytes] = []
+        busy = 0.0
+        steps = self._build(openmetrics, chunks)
+        while True:
+            started = time.perf_counter()
+            more = next(steps, False) is None  # the steps yield None; False once exhausted
+            busy += time.perf_counter() - started
+            if not more:
+                return tuple(chunks), busy
+            await asyncio.sleep(0)
+
+    def _build(self, openmetrics: bool, chunks: list[bytes]) -> Iterator[None]:
+        """Append the chunks to ``chunks``, pausing (yielding) after every slice of the work."""
+        frame = self._frame(openmetrics)
+        items = list(self.state.tasks.items())
+        old = self._entries
+        fresh: dict[str, _Entry] = {}
+        for start in range(0, len(items), self.slice_tasks):
+            for task_id, task in items[start : start + self.slice_tasks]:
+                fingerprint = _fingerprint(task)
+                entry = old.get(task_id)
+                if entry is None or entry.fingerprint != fingerprint:
+                    entry = _Entry(fingerprint, task_lines(task))
+                    self.tasks_rendered += 1
+                fresh[task_id] = entry
+            yield
+        self._entries = fresh  # drops the lines of tasks that are gone
+        entries = [entry.lines for entry in fresh.values()]
+        for name, block in frame:
             index = _FAMILY_INDEX.get(name)
             if index is None:
                 chunks.append(block)
             else:
                 chunks.append(b"".join(chain((block,), map(_GETTERS[index], entries))))
-        return tuple(chunks)
-
-    def _refresh(self) -> list[tuple[bytes, ...]]:
-        """Every task's lines in state order, rebuilding those whose fingerprint moved."""
-        old = self._entries
-        fresh: dict[str, _Entry] = {}
-        rendered = 0
-        for task_id, task in self.state.tasks.items():
-            fingerprint = _fingerprint(task)
-            entry = old.get(task_id)
-            if entry is None or entry.fingerprint != fingerprint:
-                entry = _Entry(fingerprint, task_lines(task))
-                rendered += 1
-            fresh[task_id] = entry
-        self._entries = fresh  # drops the lines of tasks that are gone
-        self.tasks_rendered += rendered
-        return [entry.lines for entry in fresh.values()]
+                yield
 
     def _frame(self, openmetrics: bool) -> list[tuple[str, bytes]]:
         """HELP/TYPE lines of every family and the samples of the exporter-wide ones."""
@@ -243,10 +265,14 @@ for _index, _family in enumerate(PER_TASK_FAMILIES):
         _FAMILY_INDEX[_family + "_total"] = _index
 
 
-# A rebuild costing less than this is done on every scrape that finds the state changed; dearer
-# ones (thousands of tasks) at most once per ``min_interval``, since the poller changes the state
-# many times a second at that size.
+# A rebuild costing less than this is done on every scrape that finds the state changed. Dearer
+# ones (thousands of tasks, where the poller changes the state many times a second) wait at least
+# MIN_REBUILD_INTERVAL, and long enough that rebuilding takes at most MAX_REBUILD_SHARE of the
+# time, but never more than MAX_REBUILD_INTERVAL: the values served are that much older at most.
 CHEAP_BUILD_SECONDS = 0.005
+MIN_REBUILD_INTERVAL = 1.0
+MAX_REBUILD_INTERVAL = 10.0
+MAX_REBUILD_SHARE = 0.02
 _GZIP_LEVEL = 1  # fast; exposition text compresses about 25:1 even so
 _GZIP_WBITS = 31  # zlib's gzip container: header and CRC trailer
 # Below this a body compresses in well under a millisecond: not worth a thread hop.
@@ -292,6 +318,20 @@ def _compress(chunks: tuple[bytes, ...]) -> tuple[bytes, zlib._Compress]:
     return b"".join([compressor.compress(chunk) for chunk in chunks]), compressor
 
 
+def rebuild_interval(
+    build_seconds: float,
+    *,
+    cheap: float = CHEAP_BUILD_SECONDS,
+    minimum: float = MIN_REBUILD_INTERVAL,
+    maximum: float = MAX_REBUILD_INTERVAL,
+    share: float = MAX_REBUILD_SHARE,
+) -> float:
+    """How long a rendering that took ``build_seconds`` of CPU is served after the state moved."""
+    if build_seconds < cheap:
+        return 0.0
+    return min(maximum, max(minimum, build_seconds / share))
+
+
 class ExpositionCache:
     """Serve one rendering to many scrapes: rebuilt when the state moved (throttled when dear)."""
 
@@ -299,53 +339,90 @@ class ExpositionCache:
         self,
         state: ExporterState,
         *,
-        min_interval: float = 1.0,
-        cheap_build_seconds: float = CHEAP_BUILD_SECONDS,
+        interval: Callable[[float], float] = rebuild_interval,
         monotonic: Callable[[], float] = time.monotonic,
         thread_compress_bytes: int = THREAD_COMPRESS_BYTES,
+        slice_tasks: int = 500,
     ) -> None:
         self.state = state
-        self.min_interval = min_interval
-        self.cheap_build_seconds = cheap_build_seconds
+        self._interval = interval
         self._monotonic = monotonic
         self._thread_compress_bytes = thread_compress_bytes
-        self.renderer = ExpositionRenderer(state)
+        self.renderer = ExpositionRenderer(state, slice_tasks=slice_tasks)
         self._latest: dict[bool, Rendering] = {}
-        self._last_build_seconds: dict[bool, float] = {}
+        self._build_seconds: dict[bool, float] = {}
+        self._building: dict[bool, asyncio.Task[None]] = {}
         self._gzipped: dict[bool, Rendering] = {}  # newest rendering whose gzip is ready
         self.builds = 0
 
-    def current(self, openmetrics: bool) -> Rendering:
-        """The newest rendering in the format, rebuilt first if it is out of date."""
-        return self._current(openmetrics)[0]
-
-    def _current(self, openmetrics: bool) -> tuple[Rendering, bool]:
+    def _usable(self, openmetrics: bool, now: float) -> Rendering | None:
+        """The latest rendering if it may still be served, else None."""
         latest = self._latest.get(openmetrics)
+        if latest is None:
+            return None
+        if latest.version == self.state.version:
+            return latest
+        if now - latest.built_at < self._interval(self._build_seconds[openmetrics]):
+            return latest
+        return None
+
+    def _publish(self, openmetrics: bool, rendering: Rendering, build_seconds: float) -> Rendering:
+        self._latest[openmetrics] = rendering
+        self._build_seconds[openmetrics] = build_seconds
+        self.builds += 1
+        return rendering
+
+    def current(self, openmetrics: bool) -> Rendering:
+        """The newest rendering in the format, rebuilt first (synchronously) if out of date."""
         now = self._monotonic()
-        if latest is not None and (
-            latest.version == self.state.version
-            or (
-                self._last_build_seconds[openmetrics] >= self.cheap_build_seconds
-                and now - latest.built_at < self.min_interval
-            )
-        ):
-            return latest, False
+        usable = self._usable(openmetrics, now)
+        if usable is not None:
+            return usable
         version = self.state.version
         started = time.perf_counter()
-        latest = Rendering(version, now, self.renderer.render_chunks(openmetrics))
-        self._last_build_seconds[openmetrics] = time.perf_counter() - started
-        self._latest[openmetrics] = latest
-        self.builds += 1
-        return latest, True
+        chunks = self.renderer.render_chunks(openmetrics)
+        rendering = Rendering(version, now, chunks)
+        return self._publish(openmetrics, rendering, time.perf_counter() - started)
+
+    async def fresh(self, openmetrics: bool) -> tuple[Rendering, bool]:
+        """The rendering to serve, and whether this call rebuilt it.
+
+        The scrape that finds the rendering out of date waits for a rebuild, so that a lone
+        Prometheus always sees current values; scrapes arriving during that rebuild are served
+        the previous rendering rather than queueing behind it.
+        """
+        now = self._monotonic()
+        usable = self._usable(openmetrics, now)
+        if usable is not None:
+            return usable, False
+        building = self._building.get(openmetrics)
+        if building is not None:
+            previous = self._latest.get(openmetrics)
+            if previous is not None:
+                return previous, False
+            await asyncio.shield(building)
+            return self._latest[openmetrics], False
+        building = asyncio.get_running_loop().create_task(self._rebuild(openmetrics, now))
+        self._building[openmetrics] = building
+        # Shielded: a scrape that gives up must not cancel the rebuild others wait for.
+        await asyncio.shield(building)
+        return self._latest[openmetrics], True
+
+    async def _rebuild(self, openmetrics: bool, now: float) -> None:
+        try:
+            version = self.state.version
+            chunks, busy = await self.renderer.render_chunks_async(openmetrics)
+            self._publish(openmetrics, Rendering(version, now, chunks), busy)
+        finally:
+            del self._building[openmetrics]
 
     async def gzipped(self, openmetrics: bool) -> Rendering:
         """A rendering whose gzip prefix is ready.
 
-        The scrape that caused a rebuild waits for its compression; scrapes arriving meanwhile
-        get the previous compressed rendering (a few tens of milliseconds older) if there is one,
-        rather than queueing behind the compression.
+        As with the rebuild, the scrape that caused it waits for its compression, and scrapes
+        arriving meanwhile get the previous compressed rendering if there is one.
         """
-        latest, rebuilt = self._current(openmetrics)
+        latest, rebuilt = await self.fresh(openmetrics)
         if latest.compressor is not None:
             return latest
         if sum(map(len, latest.chunks)) < self._thread_compress_bytes:
@@ -358,7 +435,6 @@ class ExpositionCache:
         previous = self._gzipped.get(openmetrics)
         if previous is not None and not rebuilt:
             return previous
-        # Shielded: a scrape that gives up must not cancel the compression others wait for.
         await asyncio.shield(latest.compressing)
         return latest
 

@@ -21,7 +21,12 @@ from prometheus_client.utils import floatToGoString
 
 from exporter.client import TaskDetails
 from exporter.collector import DcsCollector
-from exporter.exposition import ExpositionCache, ExpositionRenderer, format_value
+from exporter.exposition import (
+    ExpositionCache,
+    ExpositionRenderer,
+    format_value,
+    rebuild_interval,
+)
 from exporter.state import ExporterState, TaskState
 from exporter.stats import StatsRecord
 from exporter.web import MetricsRenderer, create_app
@@ -199,17 +204,52 @@ def test_cache_reuses_until_the_version_moves() -> None:
     assert cache.builds == 2
 
 
-def test_dear_rebuilds_wait_for_min_interval() -> None:
-    """When a build is dear, a moving state is rebuilt at most once per min_interval."""
+def test_dear_rebuilds_wait_for_their_interval() -> None:
+    """When a build is dear, a moving state is rebuilt only once its interval has passed."""
     clock = FakeClock()
     state = sample_state(3)
-    cache = ExpositionCache(state, min_interval=1.0, cheap_build_seconds=0.0, monotonic=clock)
+    cache = ExpositionCache(state, interval=lambda build_seconds: 1.0, monotonic=clock)
     first = cache.current(False)
     state.changed()
     clock.now += 0.5
     assert cache.current(False) is first
     clock.now += 0.5
     assert cache.current(False) is not first
+
+
+@pytest.mark.parametrize(
+    ("build_seconds", "interval"),
+    [(0.001, 0.0), (0.01, 1.0), (0.05, 2.5), (0.1, 5.0), (1.0, 10.0)],
+)
+def test_rebuild_interval_keeps_rebuilds_to_a_small_share(
+    build_seconds: float, interval: float
+) -> None:
+    """Cheap builds are redone at once; dear ones take at most 2 % of the time, within 1-10 s."""
+    assert rebuild_interval(build_seconds) == pytest.approx(interval)
+
+
+async def test_scrapes_during_an_async_rebuild_get_the_previous_rendering() -> None:
+    """While one scrape waits for a rebuild, others are served the previous rendering at once."""
+    state = sample_state(6)
+    cache = ExpositionCache(state, slice_tasks=1)  # a rebuild of several slices
+    old, _ = await cache.fresh(False)
+    state.tasks["task-2"].polls_total = 42
+    state.changed()
+    rebuilding = asyncio.get_running_loop().create_task(cache.fresh(False))
+    await asyncio.sleep(0)  # the rebuild has started and yielded
+    assert await cache.fresh(False) == (old, False)
+    new, rebuilt = await rebuilding
+    assert rebuilt
+    assert b'dcs_migration_polls_total{task_id="task-2"} 42.0' in new.body
+    assert await cache.fresh(False) == (new, False)
+
+
+async def test_async_and_sync_rebuilds_render_the_same() -> None:
+    """The sliced rebuild gives the same bytes as the one-go rebuild and as prometheus_client."""
+    state = sample_state(7)
+    chunks, busy = await ExpositionRenderer(state, slice_tasks=2).render_chunks_async(True)
+    assert b"".join(chunks) == ExpositionRenderer(state).render(True) == reference(state, True)
+    assert busy > 0
 
 
 def test_formats_are_cached_separately() -> None:
