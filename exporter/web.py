@@ -73,6 +73,11 @@ class MetricsRenderer:
         """The full exposition in the chosen format."""
         return self.cache.current(openmetrics).body + self._process_exposition(openmetrics)
 
+    async def render_async(self, openmetrics: bool) -> bytes:
+        """render() without blocking the event loop for a rebuild (see ExpositionCache.fresh)."""
+        rendering, _ = await self.cache.fresh(openmetrics)
+        return b"".join((*rendering.chunks, self._process_exposition(openmetrics)))
+
     async def render_gzip(self, openmetrics: bool) -> bytes:
         """The same, gzip-compressed; the big part is compressed once per rendering, not per scrape."""
         rendering = await self.cache.gzipped(openmetrics)
@@ -131,7 +136,7 @@ def create_app(
             body = await renderer.render_gzip(openmetrics)
             headers["Content-Encoding"] = "gzip"
         else:
-            body = renderer.render(openmetrics)
+            body = await renderer.render_async(openmetrics)
         return web.Response(body=body, headers=headers)
 
     def _health() -> Health:
