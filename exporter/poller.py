@@ -251,7 +251,7 @@ class Poller:
         task.record = record
         task.polled = task.up = True
         task.gone = False
-        task.consecutive_failures = 0
+        task.consecutive_failures = task.backoff_failures = 0
         task.last_error = task.last_reason = None
         task.last_success_time = self._wall()
         task.last_success_monotonic = now
@@ -322,7 +322,10 @@ class Poller:
             task.record = None
         delay = self.polling.interval
         if kind in _BACKOFF_KINDS:
-            delay = min(MAX_BACKOFF_SECONDS, delay * 2 ** min(task.consecutive_failures - 1, 16))
+            # Doubling counts only failures that backoff is for: timeouts or a throttled project
+            # before a single 404 must not push the next poll minutes away.
+            task.backoff_failures += 1
+            delay = min(MAX_BACKOFF_SECONDS, delay * 2 ** min(task.backoff_failures - 1, 16))
             delay = max(delay, self.polling.interval)
         self._next_due[task.task_id] = scheduled + delay
 

@@ -32,6 +32,9 @@ class TaskState:
     last_error: str | None = None
     last_reason: str | None = None
     consecutive_failures: int = 0
+    backoff_failures: int = (
+        0  # consecutive-ish failures of a kind that is backed off (404, 403, 401)
+    )
     polls_total: int = 0
     poll_errors: Counter[str] = field(default_factory=Counter)  # reason -> count
     api_errors: Counter[tuple[str, str]] = field(default_factory=Counter)  # (status, code)

@@ -382,3 +382,23 @@ async def test_a_poll_not_sent_during_a_pause_is_not_an_api_error(
     }
     assert metrics.get("dcs_migration_poll_errors_total", task_id=TASK_A, reason="throttled") == 3
     assert metrics.get("dcs_migration_up", task_id=TASK_A) == 0
+
+
+async def test_backoff_counts_only_the_failures_it_is_for(
+    sim_server: SimServer, session: aiohttp.ClientSession
+) -> None:
+    """Timeouts and 5xx before a 404 do not inflate its backoff: the first 404 waits one interval,
+    the next two, as if the earlier failures had been of no backoff kind at all."""
+    rig = make_rig(sim_server, session, (TASK_A,))
+    sim_server.sim.push(TASK_A, *[error(503, "DCS.5000")] * 6)
+    sim_server.sim.push(TASK_A, *[error(404, "DCS.4133", "not found (illustrative)")] * 3)
+    polled_at: list[float] = []
+    seen = 0
+    while len(polled_at) < 9:
+        now = rig.clock.now
+        await rig.round()
+        if rig.stats_requests(TASK_A) > seen:
+            seen = rig.stats_requests(TASK_A)
+            polled_at.append(now)
+    gaps = [b - a for a, b in itertools.pairwise(polled_at)]
+    assert gaps == [10, 10, 10, 10, 10, 10, 10, 20]
