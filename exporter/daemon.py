@@ -138,6 +138,10 @@ class Daemon:
                 # Endpoints, credentials or timing changed: a new client (no cached token, new
                 # throttle) and scheduler; the task states carry over, removed tasks are dropped.
                 await self._stop_polling()
+                if (old.cloud, old.polling.concurrency) != (new.cloud, new.polling.concurrency):
+                    # The session's proxy choice and pool size depend on these.
+                    await self.session.close()
+                    self.session = open_session(new)
                 self.poller = build_poller(new, self.session, self.state)
                 self._start_polling()
             self._credentials = credentials

@@ -18,8 +18,15 @@ import exporter.daemon
 from exporter.config import load_config
 from exporter.daemon import Daemon
 from exporter.poller import Poller
-from exporter.simulator import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_USER, CannedResponse
-from tests.support import PROJ, TASK_A, TASK_B, SimServer, config_yaml
+from exporter.simulator import (
+    DEMO_DOMAIN,
+    DEMO_PASSWORD,
+    DEMO_USER,
+    CannedResponse,
+    Simulator,
+    start,
+)
+from tests.support import BASELINE_BODY, PROJ, TASK_A, TASK_B, SimServer, config_yaml
 from tests.test_poller import Scrape
 
 FAST = "polling:\n  interval: 200ms\n  timeout: 2s\n  max_requests_per_second: 1000\n"
@@ -277,3 +284,26 @@ async def test_health_limit_follows_a_reloaded_interval(
     for probe in ("/healthz", "/ready"):
         async with running.session.get(f"{running.base}{probe}") as response:
             assert response.status == 200, await response.text()
+
+
+async def test_reload_to_new_endpoints_uses_a_new_session(
+    sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
+) -> None:
+    """A reload that moves the endpoints polls the new API through a fresh session (its proxy
+    choice depends on the endpoints) and closes the old one."""
+    other = Simulator(project_id=PROJ)
+    other.add_task(TASK_A, "task-a", body={**BASELINE_BODY, "offset": "7"})
+    runner, other_url = await start(other)
+    try:
+        path = tmp_path / "config.yaml"
+        path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
+        running = await start_daemon(path)
+        await running.until(up())
+        old_session = running.daemon.session
+        path.write_text(config_yaml(other_url, (TASK_A,), FAST))
+        assert (await running.reload())[0] == 200
+        await running.until(lambda m: m.get("dcs_migration_offset", task_id=TASK_A) == 7)
+        assert old_session is not None and old_session.closed
+        assert running.daemon.session is not old_session
+    finally:
+        await runner.cleanup()
