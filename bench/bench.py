@@ -536,7 +536,9 @@ def report(
                     f"{row.load.failures}",
                     ms(row.server.percentile(50)),
                     ms(row.server.percentile(99)),
-                    f"{row.load.body_bytes / 1e6:.2f} MB",
+                    f"{row.load.body_bytes / 1e6:.2f} MB"
+                    if row.load.body_bytes >= 100_000
+                    else f"{row.load.body_bytes / 1e3:.1f} kB",
                     ms(row.first_scrape),
                     f"{row.cycle:.3f} s",
                     f"{row.ideal_cycle:.3f} s",
@@ -667,7 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small sizes, short phases (< 60 s)")
     parser.add_argument("--sizes", type=parse_sizes, help="task counts (default 10,100,1000,10000)")
     parser.add_argument("--latency", type=float, default=0.02, help="API latency, s (0.02)")
-    parser.add_argument("--concurrency", type=int, default=32, help="polls in flight (32)")
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="polls in flight (8, the config default)"
+    )
     parser.add_argument("--interval", type=float, default=30.0, help="steady poll interval (30)")
     parser.add_argument("--scrapers", type=int, default=4, help="concurrent scrape loops (4)")
     parser.add_argument("--scrape-seconds", type=float, help="scrape load per size (10; quick 2)")
