@@ -21,6 +21,7 @@ from exporter.config import (
 )
 from exporter.daemon import Daemon, build_poller, open_session
 from exporter.logs import LEVELS, setup_logging
+from exporter.sharding import Shard, parse_shard
 from exporter.state import ExporterState
 from exporter.web import MetricsRenderer
 from exporter.web_config import WebConfig, WebConfigError, load_web_config
@@ -37,6 +38,14 @@ def parse_listen_address(value: str) -> tuple[str | None, int]:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
     host = host.strip("[]")
     return (host or None), int(port_text)
+
+
+def shard_argument(value: str) -> Shard:
+    """``--shard``: see exporter.sharding."""
+    try:
+        return parse_shard(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the bundled DCS API simulator on loopback and export its tasks",
     )
+    parser.add_argument(
+        "--shard",
+        type=shard_argument,
+        default=None,
+        metavar="INDEX/COUNT",
+        help="poll only this replica's share of the tasks: 0-based INDEX of COUNT replicas, or "
+        "auto/COUNT to take INDEX from the host name's -K suffix (StatefulSet pod ordinal)",
+    )
     parser.add_argument("--log.level", dest="log_level", default="info", choices=LEVELS)
     parser.add_argument(
         "--log.format", dest="log_format", default="logfmt", choices=("logfmt", "json")
@@ -105,11 +122,12 @@ def demo_config(base_url: str, task_ids: Sequence[tuple[str, str]]) -> Config:
     )
 
 
-async def run_once(config: Config) -> int:
-    """Poll every task once and print the exposition."""
+async def run_once(config: Config, shard: Shard | None = None) -> int:
+    """Poll every task (of the shard) once and print the exposition."""
     state = ExporterState()
+    tasks = shard.select(config.tasks) if shard is not None else config.tasks
     async with open_session(config) as session:
-        poller = build_poller(config, session, state)
+        poller = build_poller(config, session, state, tasks)
         ok = await poller.poll_all_once()
     sys.stdout.write(MetricsRenderer(state).render(openmetrics=False).decode())
     return 0 if ok else 1
@@ -159,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start: invalid configuration\n%s", error)
         return 1
     if args.once:
-        return asyncio.run(run_once(config))
-    daemon = Daemon(config, lambda: load_config(args.config_file), web_config)
+        return asyncio.run(run_once(config, args.shard))
+    daemon = Daemon(config, lambda: load_config(args.config_file), web_config, shard=args.shard)
     try:
         asyncio.run(daemon.serve(*args.listen))
     except OSError as error:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -22,8 +22,9 @@ from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from exporter.client import DcsClient
-from exporter.config import AkSkAuth, Auth, Config, ConfigError
+from exporter.config import AkSkAuth, Auth, Config, ConfigError, TaskConfig
 from exporter.poller import Poller
+from exporter.sharding import Shard
 from exporter.state import ExporterState
 from exporter.throttle import Throttle
 from exporter.web import create_app
@@ -72,8 +73,13 @@ def open_session(config: Config) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, trust_env=True)
 
 
-def build_poller(config: Config, session: aiohttp.ClientSession, state: ExporterState) -> Poller:
-    """A client and poller for the configured project."""
+def build_poller(
+    config: Config,
+    session: aiohttp.ClientSession,
+    state: ExporterState,
+    tasks: Sequence[TaskConfig] | None = None,
+) -> Poller:
+    """A client and poller for the configured project (for ``tasks``, by default the config's)."""
     throttle = Throttle(config.polling.max_requests_per_second)
     client = DcsClient(
         session,
@@ -83,7 +89,7 @@ def build_poller(config: Config, session: aiohttp.ClientSession, state: Exporter
         throttle=throttle,
         token_refresh_margin=config.polling.token_refresh_margin,
     )
-    return Poller(state, client, config.polling, config.tasks)
+    return Poller(state, client, config.polling, config.tasks if tasks is None else tasks)
 
 
 def read_credentials(auth: Auth) -> tuple[str, ...]:
@@ -98,9 +104,15 @@ class Daemon:
     """The running exporter: one poller, one web server, reloadable config."""
 
     def __init__(
-        self, config: Config, load_config: ConfigLoader | None, web_config: WebConfig | None
+        self,
+        config: Config,
+        load_config: ConfigLoader | None,
+        web_config: WebConfig | None,
+        *,
+        shard: Shard | None = None,
     ) -> None:
         self.config = config
+        self.shard = shard  # this replica's part of the tasks (--shard); None: all of them
         self.load_config = load_config
         self.web_config = web_config
         self.state = ExporterState()
@@ -133,7 +145,7 @@ class Daemon:
             assert self.session is not None and self.poller is not None
             unchanged = (old.cloud, old.auth, old.polling) == (new.cloud, new.auth, new.polling)
             if unchanged and credentials == self._credentials:
-                self.poller.set_tasks(new.tasks)
+                self.poller.set_tasks(self.watched(new))
             else:
                 # Endpoints, credentials or timing changed: a new client (no cached token, new
                 # throttle) and scheduler; the task states carry over, removed tasks are dropped.
@@ -142,13 +154,17 @@ class Daemon:
                     # The session's proxy choice and pool size depend on these.
                     await self.session.close()
                     self.session = open_session(new)
-                self.poller = build_poller(new, self.session, self.state)
+                self.poller = build_poller(new, self.session, self.state, self.watched(new))
                 self._start_polling()
             self._credentials = credentials
             self.state.config_reload_ok = True
             self.state.changed()
-            log.info("configuration reloaded: %d tasks", len(new.tasks))
+            log.info("configuration reloaded: %d tasks", len(self.poller.task_ids))
             return None
+
+    def watched(self, config: Config) -> tuple[TaskConfig, ...]:
+        """The tasks this replica polls: those of ``config`` in its shard."""
+        return self.shard.select(config.tasks) if self.shard is not None else config.tasks
 
     def _reload_failed(self, problem: str) -> str:
         self.state.config_reload_ok = False
@@ -190,7 +206,7 @@ class Daemon:
         warn_about_proxy()
         self._credentials = read_credentials(self.config.auth)
         self.session = open_session(self.config)
-        self.poller = build_poller(self.config, self.session, self.state)
+        self.poller = build_poller(self.config, self.session, self.state, self.watched(self.config))
         app = create_app(
             self.state,
             web_config=self.web_config,
@@ -214,8 +230,15 @@ class Daemon:
             scheme,
             host or "0.0.0.0",
             self.port,
-            len(self.config.tasks),
+            len(self.poller.task_ids),
         )
+        if self.shard is not None:
+            log.info(
+                "shard %s: polling %d of the %d configured tasks",
+                self.shard,
+                len(self.poller.task_ids),
+                len(self.config.tasks),
+            )
         self._start_polling()
 
     @property

@@ -9,13 +9,18 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.config import TaskConfig
+from exporter.config import TaskConfig, load_config
+from exporter.daemon import Daemon
 from exporter.sharding import Shard, parse_shard, shard_of
+from tests.support import BASELINE_BODY, SimServer, write_config
+
+FAST = "polling:\n  interval: 10s\n  timeout: 2s\n  max_requests_per_second: 1000\n"
 
 TASK_IDS = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"sharding-test/{n}")) for n in range(4000)]
 # Pinned answers: a change here reshuffles every deployment's tasks during a rolling upgrade.
@@ -132,3 +137,40 @@ def test_auto_reads_hostname_from_the_environment(monkeypatch: pytest.MonkeyPatc
     """Without an explicit host name, auto uses HOSTNAME (the pod name in Kubernetes)."""
     monkeypatch.setenv("HOSTNAME", "dcs-exporter-1")
     assert parse_shard("auto/2") == Shard(1, 2)
+
+
+async def test_daemons_with_three_shards_split_the_tasks(
+    sim_server: SimServer, tmp_path: Path
+) -> None:
+    """Three daemons started with --shard 0/3, 1/3, 2/3 poll disjoint sets covering all tasks,
+    also after a reload adds tasks."""
+    ids = tuple(TASK_IDS[:12])
+    for task_id in ids:
+        sim_server.sim.add_task(task_id, f"t-{task_id[:4]}", body=dict(BASELINE_BODY))
+    path = write_config(tmp_path, sim_server.url, ids[:9], extra=FAST)
+    daemons = [
+        Daemon(load_config(str(path)), lambda: load_config(str(path)), None, shard=Shard(i, 3))
+        for i in range(3)
+    ]
+    try:
+        for daemon in daemons:
+            await daemon.start("127.0.0.1", 0)
+        assert_partition([d.poller.task_ids for d in daemons if d.poller], ids[:9])
+        write_config(tmp_path, sim_server.url, ids, extra=FAST)
+        assert [await daemon.reload() for daemon in daemons] == [None, None, None]
+        assert_partition([d.poller.task_ids for d in daemons if d.poller], ids)
+        for index, daemon in enumerate(daemons):
+            assert daemon.poller is not None
+            await daemon.poller.poll_all_once()
+            assert set(daemon.state.tasks) == {t for t in ids if shard_of(t, 3) == index}
+    finally:
+        for daemon in daemons:
+            await daemon.close()
+    polled = {r.task_id for r in sim_server.sim.requests if r.path.endswith("/stats")}
+    assert polled == set(ids)
+
+
+def assert_partition(parts: list[list[str]], everything: tuple[str, ...]) -> None:
+    """``parts`` are disjoint and together hold exactly ``everything``."""
+    assert len(parts) == 3
+    assert sorted(task_id for part in parts for task_id in part) == sorted(everything)
