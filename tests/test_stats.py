@@ -312,6 +312,8 @@ def oracle(field: str, raw: Any) -> float | None:
         number = float(text)
     except (ValueError, OverflowError):
         return None
+    if field == "full_migration_progress":
+        return number / 100  # percent; dividing is exact where multiplying by 0.01 is not
     return number * ATTRIBUTES[field][1]
 
 
