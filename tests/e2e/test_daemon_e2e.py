@@ -336,11 +336,15 @@ async def test_prometheus_scrapes_the_daemon_and_promtool_accepts_it(
 # ---- signals ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_sigterm_with_a_poll_in_flight_exits_cleanly(
-    sim: Sim, launch: Callable[..., Awaitable[Exporter]], processes: Processes
+    sim: Sim,
+    launch: Callable[..., Awaitable[Exporter]],
+    processes: Processes,
+    signum: signal.Signals,
 ) -> None:
-    """SIGTERM while TASK_A's request hangs: exit 0 within 5 s, with no unclosed session, no
-    destroyed pending task and no traceback in the output (run under python -X dev)."""
+    """SIGTERM (or SIGINT) while TASK_A's request hangs: exit 0 within 5 s, with no unclosed
+    session, no destroyed pending task and no traceback in the output (run under python -X dev)."""
     sim.sim.push(TASK_A, *[CannedResponse(hang=True)] * 10)
     daemon = await launch(
         aksk_yaml(sim.url, polling="polling:\n  interval: 1s\n  timeout: 60s\n"),
@@ -354,7 +358,7 @@ async def test_sigterm_with_a_poll_in_flight_exits_cleanly(
 
     await eventually(hanging, 10, "TASK_A's request to hang")
     started = time.monotonic()
-    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.proc.send_signal(signum)
     code = await wait_exit(daemon.proc, 5)
     output = processes.output(daemon.proc)
     assert code == 0, output
