@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from yaml.error import Mark
@@ -54,8 +54,9 @@ _SECTION_KEYS: dict[str, frozenset[str]] = {
         }
     ),
     "tasks[]": frozenset({"id", "name"}),
+    "discovery": frozenset({"interval", "name_regex", "status", "migration_type"}),
 }
-_TOP_KEYS = frozenset({"cloud", "auth", "polling", "tasks"})
+_TOP_KEYS = frozenset({"cloud", "auth", "polling", "tasks", "discovery"})
 
 
 def _elsewhere(section: str) -> dict[str, str]:
@@ -64,7 +65,8 @@ def _elsewhere(section: str) -> dict[str, str]:
     for other, keys in _SECTION_KEYS.items():
         if other != section:
             label = "a list item under tasks" if other == "tasks[]" else other
-            where.update(dict.fromkeys(keys, label))
+            for key in keys:
+                where.setdefault(key, label)  # a key of two sections: the first (interval: polling)
     return where
 
 
@@ -145,6 +147,16 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class DiscoveryConfig:
+    """Find tasks through the list API (exporter.discovery); empty filters match everything."""
+
+    interval: float = 300.0  # tasks come and go over hours; the list is paged, so not too often
+    name_regex: str | None = None  # searched in the task name
+    statuses: tuple[str, ...] = ()  # as the list reports them: SUCCESS, FAILED, MIGRATING, ...
+    migration_types: tuple[str, ...] = ()  # online_migration, backupfile_import
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
 
@@ -152,6 +164,7 @@ class Config:
     auth: Auth
     polling: PollingConfig
     tasks: tuple[TaskConfig, ...]
+    discovery: DiscoveryConfig | None = None  # None: only the listed tasks
 
 
 def parse_duration(text: str) -> float | None:
@@ -193,12 +206,73 @@ def parse_config(text: str, filename: str = "config.yaml") -> Config:
     cloud = _read_cloud(sections.get("cloud"), root, problems)
     auth = _read_auth(sections.get("auth"), root, problems)
     polling = _read_polling(sections.get("polling"), problems)
-    tasks = _read_tasks(sections.get("tasks"), root, problems)
+    discovery_node = sections.get("discovery")
+    discovery = _read_discovery(discovery_node, problems) if discovery_node is not None else None
+    tasks_node = sections.get("tasks")
+    tasks: tuple[TaskConfig, ...] | None
+    if discovery_node is not None and _no_tasks(tasks_node):
+        tasks = ()  # discovery alone may supply every task
+    else:
+        tasks = _read_tasks(tasks_node, root, problems)
     if problems.items or cloud is None or auth is None or polling is None or tasks is None:
         if not problems.items:  # a reader gave up without saying why: still never an empty error
             problems.add("", root, "invalid configuration")
         raise ConfigError(filename, problems.items)
-    return Config(cloud=cloud, auth=auth, polling=polling, tasks=tasks)
+    return Config(cloud=cloud, auth=auth, polling=polling, tasks=tasks, discovery=discovery)
+
+
+def _no_tasks(node: Node | None) -> bool:
+    """No tasks section, an empty one, or ``[]``."""
+    return node is None or is_null(node) or (isinstance(node, SequenceNode) and not node.value)
+
+
+def _string_list(node: Node, path: str, problems: Problems) -> tuple[str, ...] | None:
+    """One string or a list of strings."""
+    if not isinstance(node, SequenceNode):
+        text = string(node, path, problems)
+        return None if text is None else (text,)
+    values = [
+        string(item, item_path, problems)
+        for item_path, item in sequence_items(node, path, problems)
+    ]
+    return None if any(value is None for value in values) else tuple(v for v in values if v)
+
+
+def _read_discovery(node: Node, problems: Problems) -> DiscoveryConfig | None:
+    """Read the discovery section; an empty one discovers every task of the project."""
+    if is_null(node):
+        return DiscoveryConfig()
+    items = mapping_items(
+        node, "discovery", _SECTION_KEYS["discovery"], problems, elsewhere=_elsewhere("discovery")
+    )
+    if items is None:
+        return None
+    before = len(problems.items)
+    values = DiscoveryConfig()
+    if "interval" in items:
+        interval = _duration(items["interval"], "discovery.interval", problems)
+        if interval is not None:
+            values = replace(values, interval=interval)
+    if "name_regex" in items:
+        pattern = string(items["name_regex"], "discovery.name_regex", problems)
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.add(
+                    "discovery.name_regex", items["name_regex"], f"not a regular expression: {exc}"
+                )
+            else:
+                values = replace(values, name_regex=pattern)
+    if "status" in items:
+        statuses = _string_list(items["status"], "discovery.status", problems)
+        if statuses is not None:
+            values = replace(values, statuses=statuses)
+    if "migration_type" in items:
+        types = _string_list(items["migration_type"], "discovery.migration_type", problems)
+        if types is not None:
+            values = replace(values, migration_types=types)
+    return values if len(problems.items) == before else None
 
 
 def _required(node: Node | None, parent: Node, path: str, problems: Problems) -> Node | None:
