@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 from datetime import UTC, datetime
@@ -20,10 +21,25 @@ def _timestamp(record: logging.LogRecord) -> str:
     return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
 
 
+# Characters that end or rewrite a line in some reader (terminals, splitlines, log shippers).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or f"\\u{ord(char):04x}"
+
+
 def _logfmt_value(value: str) -> str:
-    if value and not any(c in value for c in ' "=\n\t'):
+    """A bare value when it is safe, else a quoted one with quotes and control characters escaped.
+
+    Messages carry text from API answers; escaping keeps every record on exactly one line, so
+    an answer cannot forge a log line of its own.
+    """
+    if value and not any(c in value for c in ' "=\\') and not _CONTROL.search(value):
         return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    escaped = _CONTROL.sub(_escape_control, value.replace("\\", "\\\\").replace('"', '\\"'))
     return f'"{escaped}"'
 
 
@@ -53,7 +69,13 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """One JSON line."""
-        return json.dumps(_fields(record), ensure_ascii=False)
+        line = json.dumps(_fields(record), ensure_ascii=False)
+        # JSON escapes C0 controls itself; these three are valid raw but split lines elsewhere.
+        return (
+            line.replace("\x85", "\\u0085")
+            .replace("\u2028", "\\u2028")
+            .replace("\u2029", "\\u2029")
+        )
 
 
 def setup_logging(level: str, fmt: str) -> None:
