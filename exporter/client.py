@@ -42,6 +42,10 @@ MAX_LIST_PAGES = 1000  # a server that ignores ``offset`` must not keep the list
 _DELTA_SECONDS = re.compile(r"\s*[0-9]+(?:\.[0-9]+)?\s*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _REDACTED = "<redacted>"
+# A body made of these keys only, with an error_code, is an error even under a 2xx status.
+_ERROR_ONLY_KEYS = frozenset(
+    {"error_code", "error_msg", "error_ext_msg", "request_id", "encoded_authorization_message"}
+)
 
 
 class ErrorKind(StrEnum):
@@ -526,11 +530,15 @@ class DcsClient:
                     retry_after=exc.wait,
                     sent=False,
                 ) from None
+            signed_with = self._clock_correction
             headers = await self._auth_headers("GET", url, project_header)
             answer = await self._send("GET", url, headers, b"")
             if 200 <= answer.status < 300:
                 self._throttle.succeeded(sent_at=granted)
-                return _decode(answer)
+                body = _decode(answer)
+                if _is_error_body(body):  # a gateway that says 200 but means an error
+                    raise self._error_for(answer, what=what)
+                return body
             error = self._error_for(answer, what=what)
             if answer.status == 429:
                 pause = self._throttle.throttled(error.retry_after, sent_at=granted)
@@ -538,12 +546,14 @@ class DcsClient:
                     "throttled by the API (%s); pausing the project for %.1fs", error, pause
                 )
                 raise error
-            if not retried and await self._recover(answer, headers, error):
+            if not retried and await self._recover(answer, headers, error, signed_with):
                 retried = True
                 continue
             raise error
 
-    async def _recover(self, answer: _Answer, sent: Mapping[str, str], error: ApiError) -> bool:
+    async def _recover(
+        self, answer: _Answer, sent: Mapping[str, str], error: ApiError, signed_with: float
+    ) -> bool:
         """After an auth failure, fix what can be fixed (token, clock) and say whether to retry."""
         body_error = parse_error_body(_decode_quietly(answer))
         if not _looks_like_token_rejection(answer.status, body_error):
@@ -554,15 +564,17 @@ class DcsClient:
             if fresh is None:
                 log.error("token rejected again after a recent refresh: %s", error)
             return fresh is not None
-        return self._correct_clock(answer)
+        return self._correct_clock(answer, signed_with)
 
-    def _correct_clock(self, answer: _Answer) -> bool:
+    def _correct_clock(self, answer: _Answer, signed_with: float) -> bool:
         """Measure skew from the server's Date header after a rejected signature.
 
         Beyond SKEW_LIMIT_SECONDS the gateway refuses signatures, so the signing time follows
         the server's clock from then on; when the host clock has been fixed (skew back under the
-        limit) the correction is dropped again. True when the correction changed, so a retry
-        can succeed; a second rejection with the same skew is not retried.
+        limit) the correction is dropped again. True when the request was signed with another
+        correction than the one wanted now (set by this answer or, for requests that were in
+        flight together, by an earlier one), so a retry can succeed; a rejection of a request
+        already signed with the wanted correction is not retried.
         """
         server_time = _server_time(answer.headers)
         if server_time is None:
@@ -570,8 +582,10 @@ class DcsClient:
         skew = (server_time - self._wall_clock()).total_seconds()
         self.clock_skew = skew
         wanted = skew if abs(skew) >= SKEW_LIMIT_SECONDS else 0.0
-        if abs(wanted - self._clock_correction) < 2.0:
+        if abs(wanted - signed_with) < 2.0:
             return False
+        if abs(wanted - self._clock_correction) < 2.0:
+            return True  # another request has corrected it already: retry quietly
         if wanted:
             log.error(
                 "signature rejected and the local clock differs from the API server's Date "
@@ -649,8 +663,7 @@ class DcsClient:
             kind = ErrorKind.SERVER_ERROR
         elif 300 <= status < 400:
             kind = ErrorKind.CLIENT_ERROR
-            location = yarl.URL(answer.headers.get("Location", ""))
-            hint = f"; redirect to {location.origin() if location.absolute else 'a relative URL'} not followed (check the endpoint)"
+            hint = f"; redirect to {_origin(answer.headers.get('Location'))} not followed (check the endpoint)"
         else:
             kind = ErrorKind.CLIENT_ERROR
         if error.code or error.message:
@@ -672,6 +685,24 @@ class DcsClient:
             retry_after=parse_retry_after(answer.headers.get("Retry-After"), server_now),
             request_id=request_id,
         )
+
+
+def _is_error_body(body: Any) -> bool:
+    """True for a DCS error object: an error_code and nothing but the error fields."""
+    return (
+        isinstance(body, dict)
+        and body.get("error_code") is not None
+        and body.keys() <= _ERROR_ONLY_KEYS
+    )
+
+
+def _origin(location: str | None) -> str:
+    """Where a redirect points, as scheme://host:port only (a query could carry anything)."""
+    try:
+        url = yarl.URL(location or "")
+        return str(url.origin()) if url.absolute else "a relative URL"
+    except ValueError:
+        return "an unreadable URL"
 
 
 def _normalised_base(endpoint: str) -> str:
@@ -723,7 +754,8 @@ def _decode_quietly(answer: _Answer) -> Any:
 
 
 def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
+    """A display string from the API (a label value): one line, at most 200 characters."""
+    return (_clip(value, 200) or "") if isinstance(value, str) else ""
 
 
 def _details_from(body: dict[str, Any], task_id: str) -> TaskDetails:

@@ -10,12 +10,14 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from exporter.client import ApiError, DcsClient, ErrorKind
 from exporter.config import AkSkAuth, Secret
@@ -32,7 +34,7 @@ from tests.support import (
     make_client,
     make_config,
 )
-from tests.test_client import FakeClock, client_for, password_config
+from tests.test_client import FakeClock, client_for, password_config, recorders
 
 NUMBERS_BODY = {
     "full_migration_progress": 45,
@@ -653,6 +655,40 @@ async def test_c19_uncorrectable_skew_no_tight_loop(
     assert [r.status for r in sim.requests] == [401] * (2 + 3)
     assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
     assert client.clock_skew is not None and abs(client.clock_skew - 1200) < 2
+
+
+async def test_c19_requests_in_flight_together_all_recover(
+    http_session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """C19: five polls signed with the skewed clock and refused together each retry once with the
+    corrected time and succeed (not only the one that noticed the skew); one ERROR in all. The
+    gateway here holds its refusals until all five requests have arrived."""
+    arrived = 0
+    all_in = asyncio.Event()
+
+    async def gateway(request: web.Request) -> web.Response:
+        nonlocal arrived
+        server_now = datetime.now(UTC) + timedelta(seconds=1200)
+        signed = datetime.strptime(request.headers["X-Sdk-Date"], "%Y%m%dT%H%M%SZ")
+        date = {"Date": format_datetime(server_now, usegmt=True)}
+        if abs((server_now - signed.replace(tzinfo=UTC)).total_seconds()) > 900:
+            arrived += 1
+            if arrived == 5:
+                all_in.set()
+            await asyncio.wait_for(all_in.wait(), 5)
+            expired = {"error_code": "APIGW.0301", "error_msg": "signature expired"}
+            return web.json_response(expired, status=401, headers=date)
+        return web.json_response(BASELINE_BODY, headers=date)
+
+    async with recorders() as serve:
+        server = await serve(gateway)
+        client = make_client(http_session, make_config(server.url))
+        with caplog.at_level(logging.ERROR, logger="exporter.client"):
+            results = await asyncio.gather(*(client.get_stats(TASK_A) for _ in range(5)))
+    assert results == [BASELINE_BODY] * 5
+    assert len(server.seen) == 10
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
 
 
 async def test_c19_correction_dropped_when_host_clock_is_fixed(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -105,9 +106,14 @@ class Recorder:
         return await self.handler(request)
 
 
-@pytest.fixture
-async def recorder() -> AsyncIterator[Callable[..., Awaitable[Recorder]]]:
-    """Start Recorder servers on loopback; all are stopped after the test."""
+RecorderFactory = Callable[
+    [Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[Recorder]
+]
+
+
+@contextlib.asynccontextmanager
+async def recorders() -> AsyncIterator[RecorderFactory]:
+    """Start Recorder servers on loopback; all are stopped on exit."""
     runners: list[web.AppRunner] = []
 
     async def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Recorder:
@@ -122,9 +128,18 @@ async def recorder() -> AsyncIterator[Callable[..., Awaitable[Recorder]]]:
         recorder.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         return recorder
 
-    yield serve
-    for runner in runners:
-        await runner.cleanup()
+    try:
+        yield serve
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[RecorderFactory]:
+    """Start Recorder servers on loopback; all are stopped after the test."""
+    async with recorders() as serve:
+        yield serve
 
 
 async def call(client: DcsClient, task_id: str = TASK_A) -> Any:
@@ -850,3 +865,77 @@ async def test_token_expiry_judged_on_local_clock(http_session: aiohttp.ClientSe
         assert sim.token_requests == 1
     finally:
         await runner.cleanup()
+
+
+# ---- odd answers found while testing ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "gone"),
+    [
+        (
+            {
+                "error_code": "DCS.4133",
+                "error_msg": "Instance job is not found.",
+                "error_ext_msg": None,
+            },
+            ErrorKind.NOT_FOUND,
+            True,
+        ),
+        ({"error_code": "DCS.5000", "error_msg": "internal"}, ErrorKind.CLIENT_ERROR, False),
+    ],
+)
+async def test_error_body_with_success_status(
+    sim_server: SimServer,
+    http_session: aiohttp.ClientSession,
+    body: dict[str, Any],
+    kind: ErrorKind,
+    gone: bool,
+) -> None:
+    """A 200 whose body is a DCS error object is raised as that error (DCS.4133 still means
+    gone), not handed on as a stats body without any stats."""
+    client = make_client(http_session, make_config(sim_server.url))
+    sim_server.sim.push(TASK_A, CannedResponse(200, body))
+    error = await call(client)
+    assert isinstance(error, ApiError)
+    assert (error.kind, error.status, error.code, error.gone) == (
+        kind,
+        200,
+        body["error_code"],
+        gone,
+    )
+
+
+async def test_stats_body_with_null_error_code_is_stats(
+    sim_server: SimServer, http_session: aiohttp.ClientSession
+) -> None:
+    """A stats body that also carries error_code: null is a normal stats body."""
+    client = make_client(http_session, make_config(sim_server.url))
+    body = {**BASELINE_BODY, "error_code": None, "error_msg": None}
+    sim_server.sim.push(TASK_A, CannedResponse(200, body))
+    assert await client.get_stats(TASK_A) == body
+
+
+async def test_unreadable_redirect_location(
+    sim_server: SimServer, http_session: aiohttp.ClientSession
+) -> None:
+    """A redirect whose Location cannot be parsed is still a classified error."""
+    client = make_client(http_session, make_config(sim_server.url))
+    sim_server.sim.push(TASK_A, CannedResponse(301, None, headers={"Location": "http://[::1"}))
+    error = await call(client)
+    assert isinstance(error, ApiError)
+    assert "redirect to an unreadable URL not followed" in str(error)
+
+
+async def test_task_details_are_bounded_display_strings(
+    sim_server: SimServer, http_session: aiohttp.ClientSession
+) -> None:
+    """Names from the details API become one-line strings of at most 200 characters (they end
+    up as label values), and nothing of the body's passwords is kept."""
+    sim_server.sim.add_task(TASK_A, "orders\ncache" + "x" * 1000, body=dict(BASELINE_BODY))
+    client = make_client(http_session, make_config(sim_server.url))
+    details = await client.get_task(TASK_A)
+    assert details.task_name.startswith("orders cache")
+    assert len(details.task_name) == 200
+    assert details.status == "INCRMIGEATING"
+    assert "passw0rd" not in repr(details)
