@@ -21,8 +21,9 @@ from aiohttp import web
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-from exporter.client import DcsClient
+from exporter.client import DcsClient, TaskDetails
 from exporter.config import AkSkAuth, Auth, Config, ConfigError, TaskConfig
+from exporter.discovery import Discovery, merge
 from exporter.poller import Poller
 from exporter.sharding import Shard
 from exporter.state import ExporterState
@@ -113,6 +114,8 @@ class Daemon:
     ) -> None:
         self.config = config
         self.shard = shard  # this replica's part of the tasks (--shard); None: all of them
+        self.discovery: Discovery | None = None  # with a discovery section
+        self._discovery_loop: asyncio.Task[None] | None = None
         self.load_config = load_config
         self.web_config = web_config
         self.state = ExporterState()
@@ -143,6 +146,7 @@ class Daemon:
                 return self._reload_failed(f"{type(error).__name__}: {error}")
             old, self.config = self.config, new
             assert self.session is not None and self.poller is not None
+            await self._stop_discovery()
             unchanged = (old.cloud, old.auth, old.polling) == (new.cloud, new.auth, new.polling)
             if unchanged and credentials == self._credentials:
                 self.poller.set_tasks(self.watched(new))
@@ -156,6 +160,7 @@ class Daemon:
                     self.session = open_session(new)
                 self.poller = build_poller(new, self.session, self.state, self.watched(new))
                 self._start_polling()
+            self._start_discovery(first_delay=0.0)  # new filters apply at once
             self._credentials = credentials
             self.state.config_reload_ok = True
             self.state.changed()
@@ -163,8 +168,41 @@ class Daemon:
             return None
 
     def watched(self, config: Config) -> tuple[TaskConfig, ...]:
-        """The tasks this replica polls: those of ``config`` in its shard."""
-        return self.shard.select(config.tasks) if self.shard is not None else config.tasks
+        """The tasks this replica polls: those of ``config`` and discovered ones, in its shard."""
+        tasks = config.tasks
+        if config.discovery is not None and self.discovery is not None:
+            tasks = merge(tasks, self.discovery.found)
+        return self.shard.select(tasks) if self.shard is not None else tasks
+
+    # ---- discovery ----------------------------------------------------------------------------
+
+    async def _list_tasks(self) -> list[TaskDetails]:
+        assert self.poller is not None
+        return await self.poller.client.list_tasks()  # the current client, also after a reload
+
+    def _discovered(self, found: tuple[TaskConfig, ...]) -> None:
+        if self.poller is not None:
+            self.poller.set_tasks(self.watched(self.config))
+
+    def _start_discovery(self, first_delay: float) -> None:
+        """Run discovery for the current config, keeping the last result across reloads."""
+        config = self.config.discovery
+        if config is None:
+            self.discovery = None
+            return
+        found = self.discovery.found if self.discovery is not None else ()
+        self.discovery = Discovery(config, self._list_tasks, self._discovered)
+        self.discovery.found = found
+        self._discovery_loop = asyncio.get_running_loop().create_task(
+            self.discovery.run(first_delay=first_delay)
+        )
+
+    async def _stop_discovery(self) -> None:
+        if self._discovery_loop is not None:
+            self._discovery_loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._discovery_loop
+            self._discovery_loop = None
 
     def _reload_failed(self, problem: str) -> str:
         self.state.config_reload_ok = False
@@ -239,6 +277,11 @@ class Daemon:
                 len(self.poller.task_ids),
                 len(self.config.tasks),
             )
+        if self.config.discovery is not None:
+            # One listing before the first round, so that discovered tasks are in it.
+            self._start_discovery(first_delay=self.config.discovery.interval)
+            assert self.discovery is not None
+            await self.discovery.refresh()
         self._start_polling()
 
     @property
@@ -252,6 +295,7 @@ class Daemon:
         """Stop polling, then the web server, then the HTTP session; safe to call twice."""
         for task in list(self._background):
             task.cancel()
+        await self._stop_discovery()
         await self._stop_polling()
         if self._runner is not None:
             await self._runner.cleanup()
