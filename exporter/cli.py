@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from exporter import __version__, redis_demo
+from exporter.client import ApiError
 from exporter.config import (
     AkSkAuth,
     CloudConfig,
@@ -20,6 +21,7 @@ from exporter.config import (
     load_config,
 )
 from exporter.daemon import Daemon, build_poller, open_session
+from exporter.discovery import merge, select
 from exporter.logs import LEVELS, setup_logging
 from exporter.sharding import Shard, parse_shard
 from exporter.state import ExporterState
@@ -123,11 +125,19 @@ def demo_config(base_url: str, task_ids: Sequence[tuple[str, str]]) -> Config:
 
 
 async def run_once(config: Config, shard: Shard | None = None) -> int:
-    """Poll every task (of the shard) once and print the exposition."""
+    """Poll every task (configured or discovered, of the shard) once and print the exposition."""
     state = ExporterState()
-    tasks = shard.select(config.tasks) if shard is not None else config.tasks
     async with open_session(config) as session:
-        poller = build_poller(config, session, state, tasks)
+        poller = build_poller(config, session, state, ())
+        tasks = config.tasks
+        if config.discovery is not None:
+            try:
+                found = select(await poller.client.list_tasks(), config.discovery)
+            except ApiError as error:
+                log.error("discovery: listing the tasks failed: %s", error)
+                return 1
+            tasks = merge(tasks, found)
+        poller.set_tasks(shard.select(tasks) if shard is not None else tasks)
         ok = await poller.poll_all_once()
     sys.stdout.write(MetricsRenderer(state).render(openmetrics=False).decode())
     return 0 if ok else 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from exporter.cli import run_once
 from exporter.client import ApiError, ErrorKind, TaskDetails
 from exporter.config import ConfigError, DiscoveryConfig, TaskConfig, load_config, parse_config
 from exporter.daemon import Daemon
@@ -231,3 +232,16 @@ async def test_three_shards_share_discovered_tasks(sim_server: SimServer, tmp_pa
     finally:
         for daemon in daemons:
             await daemon.close()
+
+
+async def test_once_polls_discovered_tasks_of_its_shard(
+    sim_server: SimServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--once --shard 1/2`` with discovery prints exactly the discovered tasks of shard 1."""
+    for index, task_id in enumerate(IDS[:20]):
+        sim_server.sim.add_task(task_id, f"orders-{index}", body=dict(BASELINE_BODY))
+    path = write(tmp_path, sim_server.url, "discovery:\n  name_regex: '^orders-'\n")
+    assert await run_once(load_config(str(path)), Shard(1, 2)) == 0
+    printed = capsys.readouterr().out
+    shown = {t for t in IDS[:20] if f'dcs_migration_up{{task_id="{t}"}} 1.0' in printed}
+    assert shown == {t for t in IDS[:20] if shard_of(t, 2) == 1}
