@@ -481,7 +481,8 @@ async def poll_three(client: DcsClient) -> list[Any]:
 
 async def test_c16_token_refreshed_ahead_of_expiry(http_session: aiohttp.ClientSession) -> None:
     """C16: a 120 s token is refreshed once, ahead of expires_at (10 % margin), although three
-    tasks ask for it at the same moment; no call fails."""
+    tasks ask for it at the same moment, and once more after it has long expired; no call
+    fails."""
     clock = FakeClock()
     sim = three_task_sim(clock, token_ttl=120)
     async with running(sim) as url:
@@ -493,6 +494,9 @@ async def test_c16_token_refreshed_ahead_of_expiry(http_session: aiohttp.ClientS
         clock.advance(10)  # 10 s left: refresh now, once for all three
         assert await poll_three(client) == [BASELINE_BODY] * 3
         assert sim.token_requests == 2
+        clock.advance(300)  # long past expiry (the process was suspended, say): once again
+        assert await poll_three(client) == [BASELINE_BODY] * 3
+        assert sim.token_requests == 3
         assert {r.status for r in sim.requests} == {200, 201}
 
 
