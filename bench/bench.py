@@ -234,7 +234,11 @@ class Child:
         log = directory / f"{name}.log"
         with log.open("wb") as stderr:
             process = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=HERE.parent
+                *argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                cwd=HERE.parent,
+                limit=1 << 24,  # a line may carry every scrape's handler time
             )
         return cls(process, log, name)
 
