@@ -254,6 +254,7 @@ async def test_sighup_before_start_is_ignored(
     path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
     daemon = Daemon(load_config(str(path)), lambda: load_config(str(path)), None)
     daemon._reload_in_background()
+    assert not daemon._background  # no reload task was started
     await asyncio.sleep(0)
     assert not caplog.records
     assert daemon.state.config_reload_failures_total == 0
