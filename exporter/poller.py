@@ -214,6 +214,11 @@ class Poller:
         else:
             self._record_success(task, record, started, scheduled)
         self.state.changed()
+        if self.state.tasks.get(task.task_id) is not task:
+            # Removed by a reload while the poll was out: keep no schedule for it.
+            self._next_due.pop(task.task_id, None)
+            self._details_due.pop(task.task_id, None)
+            return
         if task.up:
             # After the stats, so that a slow details call never delays or fails a stats poll.
             await self._refresh_details(task, started)

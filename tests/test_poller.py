@@ -402,3 +402,18 @@ async def test_backoff_counts_only_the_failures_it_is_for(
             polled_at.append(now)
     gaps = [b - a for a, b in itertools.pairwise(polled_at)]
     assert gaps == [10, 10, 10, 10, 10, 10, 10, 20]
+
+
+async def test_a_task_removed_mid_poll_leaves_no_trace(
+    sim_server: SimServer, session: aiohttp.ClientSession
+) -> None:
+    """A poll still out when its task is removed ends without re-adding schedule entries or
+    series for it."""
+    rig = make_rig(sim_server, session)
+    sim_server.sim.push(TASK_B, CannedResponse(body=BASELINE_BODY, delay=0.2))
+    running = rig.poller.start_round()
+    await asyncio.sleep(0.05)
+    rig.poller.set_tasks([TaskConfig(id=TASK_A)])
+    await running
+    assert TASK_B not in rig.poller._next_due and TASK_B not in rig.poller._details_due
+    assert rig.scrape().series(task_id=TASK_B) == {}
