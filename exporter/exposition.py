@@ -353,12 +353,15 @@ class ExpositionCache:
         self._build_seconds: dict[bool, float] = {}
         self._building: dict[bool, asyncio.Task[None]] = {}
         self._gzipped: dict[bool, Rendering] = {}  # newest rendering whose gzip is ready
+        # Until a scrape asks for uncompressed text, a compressed rendering drops its text: at
+        # 10,000 tasks that is 12 MB that Prometheus (which always asks for gzip) never reads.
+        self._plain_wanted = False
         self.builds = 0
 
-    def _usable(self, openmetrics: bool, now: float) -> Rendering | None:
-        """The latest rendering if it may still be served, else None."""
+    def _usable(self, openmetrics: bool, now: float, plain: bool) -> Rendering | None:
+        """The latest rendering if it may still be served (as text if ``plain``), else None."""
         latest = self._latest.get(openmetrics)
-        if latest is None:
+        if latest is None or (plain and not latest.chunks):
             return None
         if latest.version == self.state.version:
             return latest
@@ -374,8 +377,9 @@ class ExpositionCache:
 
     def current(self, openmetrics: bool) -> Rendering:
         """The newest rendering in the format, rebuilt first (synchronously) if out of date."""
+        self._plain_wanted = True
         now = self._monotonic()
-        usable = self._usable(openmetrics, now)
+        usable = self._usable(openmetrics, now, plain=True)
         if usable is not None:
             return usable
         version = self.state.version
@@ -384,21 +388,24 @@ class ExpositionCache:
         rendering = Rendering(version, now, chunks)
         return self._publish(openmetrics, rendering, time.perf_counter() - started)
 
-    async def fresh(self, openmetrics: bool) -> tuple[Rendering, bool]:
+    async def fresh(self, openmetrics: bool, *, plain: bool = True) -> tuple[Rendering, bool]:
         """The rendering to serve, and whether this call rebuilt it.
 
         The scrape that finds the rendering out of date waits for a rebuild, so that a lone
         Prometheus always sees current values; scrapes arriving during that rebuild are served
-        the previous rendering rather than queueing behind it.
+        the previous rendering rather than queueing behind it. ``plain``: the caller needs the
+        uncompressed text (``chunks``), not only the gzip.
         """
+        if plain:
+            self._plain_wanted = True
         now = self._monotonic()
-        usable = self._usable(openmetrics, now)
+        usable = self._usable(openmetrics, now, plain)
         if usable is not None:
             return usable, False
         building = self._building.get(openmetrics)
         if building is not None:
             previous = self._latest.get(openmetrics)
-            if previous is not None:
+            if previous is not None and (previous.chunks or not plain):
                 return previous, False
             await asyncio.shield(building)
             return self._latest[openmetrics], False
@@ -422,7 +429,7 @@ class ExpositionCache:
         As with the rebuild, the scrape that caused it waits for its compression, and scrapes
         arriving meanwhile get the previous compressed rendering if there is one.
         """
-        latest, rebuilt = await self.fresh(openmetrics)
+        latest, rebuilt = await self.fresh(openmetrics, plain=False)
         if latest.compressor is not None:
             return latest
         if sum(map(len, latest.chunks)) < self._thread_compress_bytes:
@@ -447,6 +454,8 @@ class ExpositionCache:
         self, openmetrics: bool, rendering: Rendering, prefix: bytes, compressor: zlib._Compress
     ) -> None:
         rendering.gzip_prefix, rendering.compressor = prefix, compressor
+        if not self._plain_wanted:
+            rendering.chunks = ()
         previous = self._gzipped.get(openmetrics)
         if previous is None or previous.version <= rendering.version:
             self._gzipped[openmetrics] = rendering

@@ -266,19 +266,34 @@ async def test_gzip_holds_body_and_tail(thread_compress_bytes: int) -> None:
     state = sample_state(20)
     cache = ExpositionCache(state, thread_compress_bytes=thread_compress_bytes)
     rendering = await cache.gzipped(True)
-    assert gzip.decompress(rendering.gzip_with(b"# EOF\n")) == rendering.body + b"# EOF\n"
+    body = reference(state, True)
+    assert gzip.decompress(rendering.gzip_with(b"# EOF\n")) == body + b"# EOF\n"
     # The compressor is copied, not consumed: a second scrape gets a whole stream too.
-    assert gzip.decompress(rendering.gzip_with(b"tail\n")) == rendering.body + b"tail\n"
+    assert gzip.decompress(rendering.gzip_with(b"tail\n")) == body + b"tail\n"
 
 
 async def test_gzip_for_the_same_tail_is_shared() -> None:
     """Scrapes with the same tail object get the same finished bytes; a new tail gets its own."""
-    rendering = await ExpositionCache(sample_state(3)).gzipped(False)
+    state = sample_state(3)
+    rendering = await ExpositionCache(state).gzipped(False)
     tail = b"process_open_fds 7.0\n"
     first = rendering.gzip_with(tail)
     assert rendering.gzip_with(tail) is first
     other = rendering.gzip_with(b"process_open_fds 8.0\n")
-    assert gzip.decompress(other) == rendering.body + b"process_open_fds 8.0\n"
+    assert gzip.decompress(other) == reference(state, False) + b"process_open_fds 8.0\n"
+
+
+async def test_text_is_dropped_until_someone_asks_for_it() -> None:
+    """Gzip-only scrapes leave no uncompressed copy; a plain scrape rebuilds it, and it is kept."""
+    state = sample_state(4)
+    cache = ExpositionCache(state)
+    compressed = await cache.gzipped(False)
+    assert compressed.chunks == ()
+    plain, rebuilt = await cache.fresh(False)
+    assert rebuilt and plain.body == reference(state, False)
+    state.changed()
+    kept = await cache.gzipped(False)
+    assert kept.compressor is not None and kept.body == reference(state, False)
 
 
 def test_chunks_are_one_per_family() -> None:
