@@ -26,6 +26,7 @@ from exporter.yamlnodes import (
     mapping_items,
     scalar,
     sequence_items,
+    shorten,
     string,
 )
 
@@ -314,7 +315,9 @@ def _url(node: Node | None, path: str, problems: Problems) -> str | None:
         return None
     if not _URL.fullmatch(text):
         problems.add(
-            path, node, f"must be an http(s) URL such as https://dcs.example.com, not {text!r}"
+            path,
+            node,
+            f"must be an http(s) URL such as https://dcs.example.com, not {shorten(text)!r}",
         )
         return None
     return text.rstrip("/")
@@ -338,6 +341,21 @@ def _read_cloud(node: Node | None, root: Node, problems: Problems) -> CloudConfi
     project_name = _optional_string(items.get("project_name"), "cloud.project_name", problems)
     dcs = _url(items.get("dcs_endpoint"), "cloud.dcs_endpoint", problems)
     iam = _url(items.get("iam_endpoint"), "cloud.iam_endpoint", problems)
+    # Catch the two path mistakes that otherwise only show as 404s at run time.
+    if dcs is not None and re.search(r"/v\d+$", dcs):
+        problems.add(
+            "cloud.dcs_endpoint",
+            items.get("dcs_endpoint"),
+            "must be the base URL without the API version (the exporter adds /v2/...)",
+        )
+        dcs = None
+    if iam is not None and not iam.endswith("/v3"):
+        problems.add(
+            "cloud.iam_endpoint",
+            items.get("iam_endpoint"),
+            "must end with /v3, e.g. https://iam.eu-de.otc.t-systems.com/v3",
+        )
+        iam = None
     if region is None:
         return None
     defaults = default_endpoints(region)
@@ -413,7 +431,7 @@ def _read_auth(node: Node | None, root: Node, problems: Problems) -> Auth | None
     if node is None:
         return None
     items = mapping_items(
-        node, "auth", _SECTION_KEYS["auth"], problems, elsewhere=_elsewhere("auth")
+        node, "auth", _SECTION_KEYS["auth"], problems, elsewhere=_elsewhere("auth"), secret=True
     )
     if items is None:
         return None
@@ -468,7 +486,7 @@ def _duration(node: Node, path: str, problems: Problems) -> float | None:
             )
         return None
     if seconds <= 0 or math.isinf(seconds):
-        problems.add(path, node, f"must be greater than 0, not {node.value}")
+        problems.add(path, node, f"must be greater than 0, not {shorten(str(node.value))}")
         return None
     return seconds
 
@@ -546,7 +564,7 @@ def _read_tasks(node: Node | None, root: Node, problems: Problems) -> tuple[Task
         if task_id is None or id_node is None:
             continue
         if not _TASK_ID.match(task_id):
-            problems.add(f"{path}.id", id_node, f"{task_id!r} is not a task ID")
+            problems.add(f"{path}.id", id_node, f"{shorten(task_id)!r} is not a task ID")
             continue
         line = id_node.start_mark.line + 1
         key = task_id.lower()

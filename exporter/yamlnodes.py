@@ -20,7 +20,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# ${NAME} takes an environment variable; $${ stands for a literal ${.
+_ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_UNCLOSED_REF = re.compile(r"(?<!\$)\$\{(?![A-Za-z_][A-Za-z0-9_]*\})")
+_SHOWN_VALUE_CHARS = 60
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,14 @@ def describe(node: Node, *, secret: bool = False) -> str:
     if node.tag == _NULL_TAG:
         return "null"
     kind = node.tag.rsplit(":", 1)[-1]
-    return f"a value of type {kind}" if secret else f"{kind} {node.value!r}"
+    if secret:
+        return f"a value of type {kind}"
+    return f"{kind} {shorten(str(node.value))!r}"
+
+
+def shorten(text: str) -> str:
+    """Cut a value from the file to a readable length before it goes into a message."""
+    return text if len(text) <= _SHOWN_VALUE_CHARS else text[: _SHOWN_VALUE_CHARS - 3] + "..."
 
 
 def mapping_items(
@@ -91,19 +101,21 @@ def mapping_items(
     problems: Problems,
     *,
     elsewhere: Mapping[str, str] | None = None,
+    secret: bool = False,
 ) -> dict[str, Node] | None:
     """Return a mapping's values by key, reporting unknown and repeated keys.
 
     ``elsewhere`` maps the keys of other sections to their section (``"timeout": "polling"``), so
     that a key written in the wrong place, or a typo of one, is answered with where it belongs.
+    A ``secret`` section (auth) never has its value repeated in a problem.
     """
     if not isinstance(node, MappingNode):
-        problems.add(path, node, f"must be a mapping, not {describe(node)}")
+        problems.add(path, node, f"must be a mapping, not {describe(node, secret=secret)}")
         return None
     items: dict[str, Node] = {}
     for key_node, value_node in node.value:
         key = str(key_node.value)
-        where = f"{path}.{key}" if path else key
+        where = f"{path}.{shorten(key)}" if path else shorten(key)
         if key in items:
             problems.add(where, key_node, "key appears twice")
         elif key not in allowed:
@@ -173,8 +185,13 @@ def string(
     text = str(node.value)
     if not expand_env:
         return text
-    missing = [name for name in _ENV_REF.findall(text) if name not in os.environ]
+    if _UNCLOSED_REF.search(text):
+        problems.add(
+            path, node, "has a ${ that is not a ${NAME} reference; write $${ for a literal ${"
+        )
+        return None
+    missing = [name for name in _ENV_REF.findall(text) if name and name not in os.environ]
     if missing:
         problems.add(path, node, f"environment variable {', '.join(missing)} is not set")
         return None
-    return _ENV_REF.sub(lambda match: os.environ[match.group(1)], text)
+    return _ENV_REF.sub(lambda match: os.environ[match.group(1)] if match.group(1) else "${", text)

@@ -561,3 +561,54 @@ def test_c25_interval_negative() -> None:
     text = config(CLOUD, AKSK, "polling:\n  interval: -5\n", TASKS)
     (line,) = problems_of(text)
     assert located(line) == (8, 13, "polling.interval", "must be greater than 0, not -5")
+
+
+# ---- mistakes a first-time user made --------------------------------------------------------
+
+
+def test_unclosed_env_reference_is_an_error_and_double_dollar_is_literal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`${NAME` without its brace is refused (it would reach the cloud as a literal key); `$${` means `${`."""
+    monkeypatch.setenv("DCS_AK", "AKFROMENV")
+    broken = "auth:\n  access_key: ${DCS_AK\n  secret_key: s\n"
+    [line] = problems_of(config(CLOUD, broken, TASKS))
+    assert located(line)[2:] == (
+        "auth.access_key",
+        "has a ${ that is not a ${NAME} reference; write $${ for a literal ${",
+    )
+    literal = "auth:\n  access_key: ${DCS_AK}\n  secret_key: pa$${x}ss\n"
+    parsed = parse_config(config(CLOUD, literal, TASKS))
+    assert isinstance(parsed.auth, AkSkAuth)
+    assert parsed.auth.access_key == "AKFROMENV"
+    assert parsed.auth.secret_key.read() == "pa${x}ss"
+
+
+def test_long_values_are_shortened_in_problems() -> None:
+    """A runaway value is cut to a readable length instead of being printed whole."""
+    text = config(CLOUD, AKSK, f"polling:\n  interval: {'x' * 5000}\n", TASKS)
+    [line] = problems_of(text)
+    assert len(line) < 200
+    assert "..." in line
+
+
+def test_auth_written_as_a_string_is_not_echoed() -> None:
+    """`auth: AK SECRET` is refused without repeating the secret it contains."""
+    [line] = problems_of(config(CLOUD, "auth: AKVALUE SECRETVALUE\n", TASKS))
+    assert located(line)[2] == "auth"
+    assert "SECRETVALUE" not in line
+
+
+@pytest.mark.parametrize(
+    ("key", "url", "message"),
+    [
+        ("dcs_endpoint", "https://dcs.example.test/v2", "without the API version"),
+        ("iam_endpoint", "https://iam.example.test", "must end with /v3"),
+    ],
+)
+def test_endpoint_paths_are_checked(key: str, url: str, message: str) -> None:
+    """Endpoint path mistakes are caught by the check, not as 404s at run time."""
+    cloud = f"{CLOUD}  {key}: {url}\n"
+    [line] = problems_of(config(cloud, AKSK, TASKS))
+    assert located(line)[2] == f"cloud.{key}"
+    assert message in line
