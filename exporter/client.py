@@ -666,8 +666,11 @@ class DcsClient:
             hint = f"; redirect to {_origin(answer.headers.get('Location'))} not followed (check the endpoint)"
         else:
             kind = ErrorKind.CLIENT_ERROR
-        if error.code or error.message:
-            detail = f"{error.code or '-'}: {error.message or '-'}"
+        if error.code and error.code != str(status):
+            detail = f"{error.code}: {error.message or '-'}"
+        elif error.message:
+            # IAM puts the HTTP status in its "code"; saying it twice helps nobody.
+            detail = error.message
         else:
             detail = (
                 f"content-type {answer.content_type or 'none'}, body {_text_preview(answer.raw)!r}"

@@ -615,7 +615,7 @@ async def test_unreadable_secret_file_is_auth_error_without_request(
             401,
             {"error": {"code": 401, "message": "The username or password is wrong."}},
             {},
-            "HTTP 401",
+            "HTTP 401 The username or password is wrong.",
         ),
     ],
 )
