@@ -71,7 +71,7 @@ CONTENT_SECURITY_POLICY = (
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 
-TrendKind = Literal["unknown", "sync", "flat", "falling", "rising", "steady"]
+TrendKind = Literal["unknown", "copying", "sync", "flat", "falling", "rising", "steady"]
 Health = Literal["up", "down", "pending", "gone"]
 
 
@@ -101,6 +101,8 @@ class Trend:
         """A short human text: ``↓ 120/s``, ``flat for 4m 10s``, ``in sync``, ``–``."""
         if self.kind == "sync":
             return "in sync"
+        if self.kind == "copying":
+            return "full copy"
         if self.kind == "flat":
             return f"flat for {format_duration(self.held_seconds or 0.0)}"
         if self.kind in ("falling", "rising") and self.rate is not None:
@@ -128,7 +130,10 @@ def offset_trend(samples: Sequence[Sample], window: float = TREND_WINDOW_SECONDS
     if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
         rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
     if newest == 0:
-        return Trend("sync", rate, held)
+        # During the full copy the offset is 0 because the incremental phase has not begun.
+        progress = samples[-1].progress if samples else None
+        copying = progress is not None and progress < 1.0
+        return Trend("copying" if copying else "sync", rate, held)
     if len(points) < 2:
         return Trend("unknown")
     if held > 0:

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, get_args
 
 import aiohttp
 
@@ -47,10 +47,8 @@ USERNAME_ENV = "DCS_EXPORTER_USERNAME"
 PASSWORD_ENV = "DCS_EXPORTER_PASSWORD"
 BAR_WIDTH = 20
 ETA_WINDOW_SECONDS = 900.0
-EXIT_OK, EXIT_DOWN, EXIT_UNAVAILABLE = 0, 1, 2
-_TREND_KINDS: dict[str, TrendKind] = {
-    kind: kind for kind in ("unknown", "sync", "flat", "falling", "rising", "steady")
-}
+EXIT_OK, EXIT_DOWN, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_TREND_KINDS: dict[str, TrendKind] = {kind: kind for kind in get_args(TrendKind)}
 
 
 class StatusError(Exception):
@@ -267,6 +265,16 @@ class Source(Protocol):
         """Release connections."""
 
 
+def exporter_base_url(url: str) -> str:
+    """The exporter's base URL from what a user typed: ``host:9713``, ``http://host:9713/metrics``."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    for page in ("/api/v1/tasks", "/metrics"):
+        url = url.removesuffix(page)
+    return url
+
+
 class UrlSource:
     """A running exporter's ``/api/v1/tasks``."""
 
@@ -278,7 +286,8 @@ class UrlSource:
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 10.0,
     ) -> None:
-        self.name = url.rstrip("/")
+        self.name = exporter_base_url(url)
+        self._timeout = timeout
         self._endpoint = f"{self.name}/api/v1/tasks"
         self._headers = {"Accept": "application/json"}
         if authorization is not None:
@@ -305,7 +314,11 @@ class UrlSource:
                 if response.status != 200:
                     raise StatusError(f"{self._endpoint}: HTTP {response.status}")
                 document = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as error:
+        except TimeoutError as error:
+            raise StatusError(
+                f"{self._endpoint}: no answer within {self._timeout:g}s (is the exporter running?)"
+            ) from error
+        except aiohttp.ClientError as error:
             raise StatusError(f"{self._endpoint}: {type(error).__name__}: {error}") from error
         except ValueError as error:
             raise StatusError(f"{self._endpoint}: not JSON: {error}") from error
@@ -346,8 +359,10 @@ class CloudSource:
 
 def _interval(text: str) -> float:
     seconds = parse_duration(text) if not text.replace(".", "", 1).isdigit() else float(text)
-    if seconds is None or seconds <= 0:
+    if seconds is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 5s or 1m")
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
     return seconds
 
 
@@ -496,7 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(go())
     except KeyboardInterrupt:
-        return EXIT_OK
+        # Ctrl-C is how --watch ends; a one-shot status that was cut short has no answer.
+        return EXIT_OK if args.watch else EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`status --watch | head`): not an error. Point stdout at
         # /dev/null so that the interpreter's final flush does not complain either.

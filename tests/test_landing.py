@@ -117,6 +117,12 @@ def test_trend_zero_offset_is_in_sync_even_alone() -> None:
     assert offset_trend(samples((0, 500, 1), (5, 0, 1))).kind == "sync"
 
 
+def test_trend_zero_offset_during_full_copy_is_not_in_sync() -> None:
+    """Offset 0 while the full copy is still running is "full copy", not "in sync"."""
+    trend = offset_trend(samples((0, 0, 0.04), (5, 0, 0.05)))
+    assert (trend.kind, trend.label) == ("copying", "full copy")
+
+
 def test_trend_unknown_without_history() -> None:
     """One non-zero reading, or none with an offset, says nothing about a trend."""
     assert offset_trend(samples((0, 500, 1))) == Trend("unknown")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -401,3 +402,43 @@ def test_cloud_source_bad_config(tmp_path: Path) -> None:
     path.write_text("cloud: [\n")
     with pytest.raises(StatusError, match=str(path)):
         status.make_source(args_for("--config.file", str(path)))
+
+
+@pytest.mark.parametrize(
+    ("typed", "base"),
+    [
+        ("127.0.0.1:9713", "http://127.0.0.1:9713"),
+        ("http://host:9713/", "http://host:9713"),
+        ("https://host:9713/metrics", "https://host:9713"),
+        ("http://host:9713/api/v1/tasks", "http://host:9713"),
+    ],
+)
+def test_url_as_typed_becomes_the_exporter_base(typed: str, base: str) -> None:
+    """A URL without a scheme, or one pointing at /metrics, still finds the exporter's feed."""
+    assert status.exporter_base_url(typed) == base
+
+
+def test_interval_zero_is_refused_as_not_positive() -> None:
+    """`--interval 0` is refused for being zero, not for not being a duration."""
+    with pytest.raises(argparse.ArgumentTypeError, match="must be greater than 0"):
+        status._interval("0")
+
+
+async def test_url_source_timeout_says_what_happened(servers: Servers) -> None:
+    """An exporter that never answers gives a message with the wait, not an empty TimeoutError."""
+
+    async def silent(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/api/v1/tasks", silent)
+    server = TestServer(app)
+    await server.start_server()
+    source = status.UrlSource(str(server.make_url("/")), timeout=0.3)
+    try:
+        with pytest.raises(StatusError, match=r"no answer within 0.3s"):
+            await source.fetch()
+    finally:
+        await source.close()
+        await server.close()
