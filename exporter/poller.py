@@ -219,8 +219,10 @@ class Poller:
             self._next_due.pop(task.task_id, None)
             self._details_due.pop(task.task_id, None)
             return
-        if task.up:
+        if not task.gone:
             # After the stats, so that a slow details call never delays or fails a stats poll.
+            # Also after a failed stats poll: a task whose stats fail may still report its status
+            # (FAILED, say), which is what the task-failed alert reads.
             await self._refresh_details(task, started)
 
     async def _refresh_details(self, task: TaskState, now: float) -> None:

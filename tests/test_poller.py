@@ -417,3 +417,17 @@ async def test_a_task_removed_mid_poll_leaves_no_trace(
     await running
     assert TASK_B not in rig.poller._next_due and TASK_B not in rig.poller._details_due
     assert rig.scrape().series(task_id=TASK_B) == {}
+
+
+async def test_details_are_read_even_while_stats_fail(
+    sim_server: SimServer, session: aiohttp.ClientSession
+) -> None:
+    """A task whose stats keep failing still shows its status, so a FAILED task can alert."""
+    sim_server.sim.set_status(TASK_A, "FAILED")
+    sim_server.sim.push(TASK_A, *[error(500, "DCS.5000")] * 3)
+    rig = make_rig(sim_server, session, (TASK_A,))
+    await rig.round()
+    scraped = rig.scrape()
+    assert scraped.get("dcs_migration_up", task_id=TASK_A) == 0
+    [(_, labels)] = scraped.series("dcs_migration_task_info", task_id=TASK_A)
+    assert dict(labels)["status"] == "FAILED"
