@@ -31,6 +31,7 @@ from exporter.web_config import WebConfig, WebConfigError, load_web_config
 log = logging.getLogger("exporter")
 
 DEFAULT_LISTEN = ":9713"
+DEFAULT_CONFIG_FILE = "config.yaml"
 
 
 def parse_listen_address(value: str) -> tuple[str | None, int]:
@@ -57,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export the progress of DCS online migration tasks to Prometheus.",
         epilog="'dcs-migration-exporter status --help': the tasks in a terminal, one line each.",
     )
-    parser.add_argument("--config.file", dest="config_file", default="config.yaml", metavar="PATH")
+    parser.add_argument(
+        "--config.file",
+        dest="config_file",
+        default=None,
+        metavar="PATH",
+        help=f"YAML config (default {DEFAULT_CONFIG_FILE})",
+    )
     parser.add_argument(
         "--config.check",
         dest="config_check",
@@ -70,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LISTEN,
         type=parse_listen_address,
         metavar="HOST:PORT",
+        help=f"where the pages are served (default {DEFAULT_LISTEN})",
     )
     parser.add_argument(
         "--web.config.file",
@@ -157,6 +165,45 @@ async def run_demo(listen: tuple[str | None, int], web_config: WebConfig | None)
         await runner.cleanup()
 
 
+def format_listen_address(listen: tuple[str | None, int]) -> str:
+    """``HOST:PORT`` as a user would write it (``[::1]:9713``, ``:9713`` for all interfaces)."""
+    host, port = listen
+    if host and ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host or ''}:{port}"
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """``--config.check``: the config and, when given, the web config; every problem printed."""
+    failed = False
+    try:
+        config = load_config(args.config_file)
+        count = len(config.tasks)
+        print(f"{args.config_file}: OK, {count} task{'' if count == 1 else 's'}")
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        failed = True
+    if args.web_config_file:
+        try:
+            load_web_config(args.web_config_file)
+            print(f"{args.web_config_file}: OK")
+        except WebConfigError as error:
+            print(error, file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
+async def run_demo_once() -> int:
+    """``--demo --once``: poll the simulator's tasks once and print the exposition."""
+    from exporter.simulator import DEMO_TASKS, demo_simulator, start
+
+    runner, base_url = await start(demo_simulator())
+    try:
+        return await run_once(demo_config(base_url, DEMO_TASKS))
+    finally:
+        await runner.cleanup()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags and run; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -166,20 +213,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    given_config_file = args.config_file is not None
+    args.config_file = args.config_file or DEFAULT_CONFIG_FILE
     if args.config_check:
-        try:
-            config = load_config(args.config_file)
-        except ConfigError as error:
-            print(error, file=sys.stderr)
-            return 1
-        count = len(config.tasks)
-        print(f"{args.config_file}: OK, {count} task{'' if count == 1 else 's'}")
-        return 0
+        return check_config(args)
+    try:
+        return _run(args, given_config_file)
+    except KeyboardInterrupt:
+        # Ctrl-C in the foreground (--once, or before the signal handlers are in place).
+        return 130
+    except OSError as error:
+        log.error("cannot serve on %s: %s", format_listen_address(args.listen), error.strerror)
+        return 1
+
+
+def _run(args: argparse.Namespace, given_config_file: bool) -> int:
+    """Start what the flags ask for."""
     try:
         web_config = load_web_config(args.web_config_file) if args.web_config_file else None
-        if args.demo_redis:
-            return redis_demo.run_cli(args, web_config)
-        if args.demo:
+        if args.demo_redis or args.demo:
+            if given_config_file:
+                log.warning("--config.file %s is ignored in demo mode", args.config_file)
+            if args.demo_redis:
+                return redis_demo.run_cli(args, web_config)
+            if args.once:
+                return asyncio.run(run_demo_once())
             asyncio.run(run_demo(args.listen, web_config))
             return 0
         config = load_config(args.config_file)
@@ -189,9 +247,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.once:
         return asyncio.run(run_once(config, args.shard))
     daemon = Daemon(config, lambda: load_config(args.config_file), web_config, shard=args.shard)
-    try:
-        asyncio.run(daemon.serve(*args.listen))
-    except OSError as error:
-        log.error("cannot serve on %s: %s", args.listen, error)
-        return 1
+    asyncio.run(daemon.serve(*args.listen))
     return 0

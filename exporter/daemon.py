@@ -134,6 +134,7 @@ class Daemon:
     async def reload(self) -> str | None:
         """Re-read the config and credential files; on error keep the old ones and return why."""
         if self.load_config is None:
+            log.warning("reload requested, but this daemon runs without a config file (demo)")
             return "this daemon was started without a config file"
         async with self._reload_lock:
             try:
@@ -263,12 +264,15 @@ class Daemon:
             await self.close()
             raise
         scheme = "https" if ssl_context else "http"
+        shown_host = f"[{host}]" if host and ":" in host else host or "0.0.0.0"
+        count = len(self.poller.task_ids)
         log.info(
-            "listening on %s://%s:%d/metrics, watching %d tasks",
+            "listening on %s://%s:%d/metrics, watching %d task%s",
             scheme,
-            host or "0.0.0.0",
+            shown_host,
             self.port,
-            len(self.poller.task_ids),
+            count,
+            "" if count == 1 else "s",
         )
         if self.shard is not None:
             log.info(
