@@ -104,12 +104,34 @@ for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
     _process_registry.register(_collector)
 
 
+def _accepted(header: str) -> dict[str, float]:
+    """Media types or codings of an Accept-style header with their q-values, names lower-cased."""
+    weights: dict[str, float] = {}
+    for part in header.split(","):
+        name, *params = (piece.strip() for piece in part.split(";"))
+        if not name:
+            continue
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[name.lower()] = weight
+    return weights
+
+
 def _wants_openmetrics(accept: str) -> bool:
-    return "application/openmetrics-text" in accept
+    """OpenMetrics when the scraper asks for it with a weight above zero."""
+    return _accepted(accept).get("application/openmetrics-text", 0.0) > 0
 
 
 def _wants_gzip(accept_encoding: str) -> bool:
-    return any(part.split(";")[0].strip() == "gzip" for part in accept_encoding.split(","))
+    """gzip when accepted by name (any case) or by ``*``, and not refused with q=0."""
+    weights = _accepted(accept_encoding)
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
 
 
 def create_app(
@@ -131,7 +153,8 @@ def create_app(
     async def metrics(request: web.Request) -> web.Response:
         openmetrics = _wants_openmetrics(request.headers.get("Accept", ""))
         content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE
-        headers = {"Content-Type": content_type}
+        # Caches between scraper and exporter must key on what was negotiated.
+        headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
         if _wants_gzip(request.headers.get("Accept-Encoding", "")):
             body = await renderer.render_gzip(openmetrics)
             headers["Content-Encoding"] = "gzip"

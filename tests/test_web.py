@@ -100,6 +100,37 @@ async def test_metrics_gzip_when_asked(state: ExporterState, clients: Clients) -
     assert f'dcs_migration_offset{{task_id="{TASK_A}"}} 5000.0' in text
 
 
+@pytest.mark.parametrize(
+    ("accept", "accept_encoding", "openmetrics", "gzipped"),
+    [
+        ("application/openmetrics-text;q=0, text/plain", "gzip;q=0", False, False),
+        ("text/plain;q=0.5, application/openmetrics-text", "GZIP", True, True),
+        ("*/*", "deflate, *;q=0.1", False, True),
+        ("", "identity", False, False),
+    ],
+)
+async def test_metrics_negotiation_honours_q_values(
+    state: ExporterState,
+    clients: Clients,
+    accept: str,
+    accept_encoding: str,
+    openmetrics: bool,
+    gzipped: bool,
+) -> None:
+    """q=0 refuses a format or coding, names are case-insensitive, and the answer says it varies."""
+    client = await clients(create_app(state))
+    response = await client.get(
+        "/metrics",
+        headers={"Accept": accept, "Accept-Encoding": accept_encoding},
+        auto_decompress=False,
+    )
+    assert response.headers["Content-Type"].startswith(
+        "application/openmetrics-text" if openmetrics else "text/plain"
+    )
+    assert ("Content-Encoding" in response.headers) is gzipped
+    assert response.headers["Vary"] == "Accept, Accept-Encoding"
+
+
 async def test_metrics_follow_state_changes(state: ExporterState, clients: Clients) -> None:
     """A change in the state shows in /metrics within the renderer's one-second rebuild limit."""
     client = await clients(create_app(state))
