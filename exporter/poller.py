@@ -248,6 +248,7 @@ class Poller:
         self, task: TaskState, record: StatsRecord, started: float, scheduled: float
     ) -> None:
         now = self._monotonic()
+        log.debug("task %s: polled in %.3fs", task.task_id, now - started)
         if not task.up and task.consecutive_failures:
             log.info(
                 "task %s: polling works again after %d failures",

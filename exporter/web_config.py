@@ -54,6 +54,8 @@ import yaml
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
+from exporter.yamlnodes import compose
+
 __all__ = ["WebConfig", "WebConfigError", "auth_middleware", "load_web_config"]
 
 REALM = "dcs-migration-exporter"
@@ -201,15 +203,14 @@ def load_web_config(path: str | None) -> WebConfig:
 
 
 def _parse_yaml(path: str, text: str) -> tuple[yaml.Node | None, Any]:
-    loader = yaml.SafeLoader(text)
+    # The same syntax report as the main config (place, and a plain word on tabs); it names the
+    # problem only, never the line, which may hold a password hash.
+    root, problem = compose(text)
+    if problem is not None:
+        raise WebConfigError(problem.render(path))
+    loader = yaml.SafeLoader("")
     try:
-        root = loader.get_single_node()
         data = None if root is None else loader.construct_document(root)
-    except yaml.MarkedYAMLError as e:
-        # Only the problem and its place: str(e) quotes the line, which may hold a password hash.
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise WebConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError:
         raise WebConfigError(f"{path}: invalid YAML") from None
     finally:

@@ -502,3 +502,15 @@ async def test_configured_headers_on_every_response(tmp_path: Path) -> None:
         assert headers["X-Frame-Options"] == "deny"
         assert headers["X-Content-Type-Options"] == "nosniff"
         assert "Content-Security-Policy" not in headers
+
+
+def test_tab_in_web_config_is_named_plainly(tmp_path: Path) -> None:
+    """A tab in the web config gets the same plain, located message as in the main config."""
+    path = tmp_path / "web.yml"
+    path.write_text("basic_auth_users:\n\talice: x\n", encoding="utf-8")
+    with pytest.raises(WebConfigError) as caught:
+        load_web_config(str(path))
+    assert str(caught.value) == (
+        f"{path}:2:1: invalid YAML: tab character; "
+        "YAML allows only spaces for indentation and before comments"
+    )
