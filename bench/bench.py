@@ -472,7 +472,7 @@ def ms(seconds: float | None) -> str:
     """Milliseconds for a table cell."""
     if seconds is None or math.isnan(seconds):
         return "-"
-    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def ratio(numerator: float | None, denominator: float | None, floor: bool = False) -> str:
