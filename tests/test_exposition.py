@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import gzip
-import os
-import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -30,6 +28,7 @@ from exporter.exposition import (
 from exporter.state import ExporterState, TaskState
 from exporter.stats import StatsRecord
 from exporter.web import MetricsRenderer, create_app
+from tests.tools import find_tool
 
 # Label values with everything that needs escaping, and some that does not.
 label_text = st.text(alphabet=st.sampled_from('ab-_"\\\n é✓0'), max_size=8)
@@ -340,11 +339,7 @@ async def test_concurrent_first_scrapes_share_one_compression() -> None:
 
 def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
     """promtool check metrics finds nothing wrong with a rendering that has every family."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool not found; run scripts/install-test-tools.sh")
-        pytest.skip("promtool not found")
+    promtool = find_tool("promtool")
     state = sample_state(3)
     task = state.tasks["task-1"]
     task.poll_errors["timeout"] += 2

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,26 +33,13 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _find_tool(name: str) -> str:
-    for candidate in (ROOT / ".tools" / "bin" / name, Path(sys.executable).parent / name):
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    message = f"{name} not found; run scripts/install-test-tools.sh"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+from tests.tools import ROOT, find_tool
 
 
 @pytest.fixture
 def tool() -> Callable[[str], str]:
     """Return a lookup that finds an external tool or skips (locally) / fails (under CI)."""
-    return _find_tool
+    return find_tool
 
 
 def _free_port() -> int:
