@@ -1,4 +1,4 @@
-"""Shared fixtures: a simulator on loopback, and an HTTP session like the daemon's."""
+"""Shared fixtures: a simulator on loopback, an HTTP session like the daemon's, app test clients."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from exporter.simulator import Simulator, start
-from tests.support import BASELINE_BODY, PROJ, TASK_A, TASK_B, SimServer
+from tests.support import BASELINE_BODY, PROJ, TASK_A, TASK_B, Clients, SimServer
 
 
 @pytest.fixture
@@ -29,3 +31,19 @@ async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
     """A client session like the daemon's (proxy settings from the environment)."""
     async with aiohttp.ClientSession(trust_env=True) as session:
         yield session
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Clients]:
+    """Start test clients for apps; all are closed at the end."""
+    started: list[TestClient] = []
+
+    async def make(app: web.Application) -> TestClient:
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        started.append(client)
+        return client
+
+    yield make
+    for client in started:
+        await client.close()

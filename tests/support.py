@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import textwrap
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from exporter.client import DcsClient
 from exporter.config import AkSkAuth, CloudConfig, Config, PollingConfig, Secret, TaskConfig
@@ -27,6 +31,9 @@ BASELINE_BODY: dict[str, Any] = {
     "target_ops": "300",
     "is_migrating": True,
 }
+
+Clients = Callable[[web.Application], Awaitable[TestClient]]
+"""The ``clients`` fixture: start a test client for an app (closed at the end of the test)."""
 
 
 @dataclass
@@ -82,3 +89,8 @@ def make_client(session: aiohttp.ClientSession, config: Config) -> DcsClient:
         throttle=Throttle(config.polling.max_requests_per_second),
         token_refresh_margin=config.polling.token_refresh_margin,
     )
+
+
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    """An Authorization header for HTTP basic auth."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import bcrypt
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from exporter import landing
 from exporter.client import TaskDetails
@@ -21,9 +18,8 @@ from exporter.state import ExporterState, TaskState
 from exporter.stats import StatsRecord
 from exporter.web import create_app
 from exporter.web_config import load_web_config
-from tests.support import TASK_A, TASK_B
+from tests.support import TASK_A, TASK_B, Clients, basic_auth
 
-Clients = Callable[[web.Application], Awaitable[TestClient]]
 HOSTILE = "<img src=x onerror=alert(1)>\"'&"
 NOW = 1_700_000_100.0
 
@@ -68,22 +64,6 @@ def polled_task(
         last_success_time=NOW - 2,
         last_success_monotonic=at,
     )
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Clients]:
-    """Start test clients for apps; all are closed at the end."""
-    started: list[TestClient] = []
-
-    async def make(app: web.Application) -> TestClient:
-        client = TestClient(TestServer(app))
-        await client.start_server()
-        started.append(client)
-        return client
-
-    yield make
-    for client in started:
-        await client.close()
 
 
 # ---- trends and ETA ----------------------------------------------------------------------------
@@ -392,7 +372,7 @@ async def test_app_pages_need_the_same_auth_as_metrics(tmp_path: Path, clients: 
     client = await clients(
         create_app(ExporterState(), web_config=load_web_config(str(config_path)))
     )
-    good = {"Authorization": "Basic " + base64.b64encode(b"alice:s3cret").decode()}
+    good = basic_auth("alice", "s3cret")
     for path in ("/", "/api/v1/tasks", "/static/landing.js", "/metrics"):
         assert (await client.get(path)).status == 401, path
         assert (await client.get(path, headers=good)).status == 200, path

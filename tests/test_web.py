@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import gzip
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import bcrypt
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
@@ -22,15 +18,8 @@ from exporter.state import ExporterState, TaskState
 from exporter.stats import StatsRecord
 from exporter.web import create_app
 from exporter.web_config import load_web_config
-from tests.support import TASK_A
+from tests.support import TASK_A, Clients, basic_auth
 from tests.test_poller import FakeClock
-
-Clients = Callable[[web.Application], Awaitable[TestClient]]
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    """An Authorization header for HTTP basic auth."""
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
 @pytest.fixture
@@ -47,22 +36,6 @@ def state() -> ExporterState:
     )
     state.changed()
     return state
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Clients]:
-    """Start test clients for apps; all are closed at the end."""
-    started: list[TestClient] = []
-
-    async def make(app: web.Application) -> TestClient:
-        client = TestClient(TestServer(app))
-        await client.start_server()
-        started.append(client)
-        return client
-
-    yield make
-    for client in started:
-        await client.close()
 
 
 async def test_metrics_is_prometheus_text(state: ExporterState, clients: Clients) -> None:
@@ -185,5 +158,5 @@ async def test_basic_auth_guards_metrics_not_probes(
     assert (await client.get("/metrics")).status == 401
     assert (await client.post("/-/reload")).status == 401
     assert (await client.get("/healthz")).status in (200, 503)
-    assert (await client.get("/metrics", headers=basic("prom", "s3cret"))).status == 200
-    assert (await client.get("/metrics", headers=basic("prom", "wrong"))).status == 401
+    assert (await client.get("/metrics", headers=basic_auth("prom", "s3cret"))).status == 200
+    assert (await client.get("/metrics", headers=basic_auth("prom", "wrong"))).status == 401

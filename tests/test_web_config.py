@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import ssl
@@ -19,6 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from exporter.web_config import WebConfig, WebConfigError, auth_middleware, load_web_config
+from tests.support import basic_auth
 
 PASSWORD = "correct horse battery staple"
 # Cost 4 (the minimum) keeps the tests fast; the code path is the same as for cost 10.
@@ -114,11 +114,6 @@ def _client_ctx(pki: Pki, cert: Path | None = None, key: Path | None = None) -> 
     if cert is not None and key is not None:
         ctx.load_cert_chain(str(cert), str(key))
     return ctx
-
-
-def _basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
 
 
 async def _ok(request: web.Request) -> web.Response:
@@ -423,9 +418,9 @@ async def test_basic_auth_ok_wrong_missing(tmp_path: Path, pki: Pki) -> None:
     config = load_web_config(_write(tmp_path, text))
     ctx = _client_ctx(pki)
     async with _serve(config) as url:
-        ok, _ = await _get(f"{url}/metrics", ctx, _basic("alice", PASSWORD))
-        wrong = await _get(f"{url}/metrics", ctx, _basic("alice", "guess"))
-        unknown = await _get(f"{url}/metrics", ctx, _basic("mallory", PASSWORD))
+        ok, _ = await _get(f"{url}/metrics", ctx, basic_auth("alice", PASSWORD))
+        wrong = await _get(f"{url}/metrics", ctx, basic_auth("alice", "guess"))
+        unknown = await _get(f"{url}/metrics", ctx, basic_auth("mallory", PASSWORD))
         missing = await _get(f"{url}/metrics", ctx)
         garbage = await _get(f"{url}/metrics", ctx, {"Authorization": "Basic !!!"})
     assert ok == 200
@@ -441,7 +436,7 @@ async def test_unknown_user_costs_a_bcrypt_check(
     config = load_web_config(_write(tmp_path, f"basic_auth_users:\n  alice: '{HASH_2Y}'\n"))
     calls = _count_bcrypt(monkeypatch)
     async with _serve(config) as url:
-        status, _ = await _get(f"{url}/metrics", headers=_basic("mallory", PASSWORD))
+        status, _ = await _get(f"{url}/metrics", headers=basic_auth("mallory", PASSWORD))
     assert status == 401
     assert len(calls) == 1
     assert calls[0] != config.basic_auth_users["alice"]
@@ -454,11 +449,11 @@ async def test_bcrypt_result_is_cached(tmp_path: Path, monkeypatch: pytest.Monke
     calls = _count_bcrypt(monkeypatch)
     async with _serve(config) as url:
         for _ in range(3):
-            status, _ = await _get(f"{url}/metrics", headers=_basic("alice", PASSWORD))
+            status, _ = await _get(f"{url}/metrics", headers=basic_auth("alice", PASSWORD))
             assert status == 200
         assert len(calls) == 1
         for _ in range(2):
-            status, _ = await _get(f"{url}/metrics", headers=_basic("alice", PASSWORD + "x"))
+            status, _ = await _get(f"{url}/metrics", headers=basic_auth("alice", PASSWORD + "x"))
             assert status == 401
     assert len(calls) == 3
 
@@ -467,7 +462,7 @@ async def test_overlong_password_is_refused(tmp_path: Path) -> None:
     """A password past bcrypt's 72-byte limit gets 401, not a server error."""
     config = load_web_config(_write(tmp_path, f"basic_auth_users:\n  alice: '{HASH_2Y}'\n"))
     async with _serve(config) as url:
-        status, _ = await _get(f"{url}/metrics", headers=_basic("alice", PASSWORD * 4))
+        status, _ = await _get(f"{url}/metrics", headers=basic_auth("alice", PASSWORD * 4))
     assert status == 401
 
 
@@ -490,7 +485,7 @@ async def test_configured_headers_on_every_response(tmp_path: Path) -> None:
     )
     config = load_web_config(_write(tmp_path, text))
     assert dict(config.headers) == {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}
-    auth = _basic("alice", PASSWORD)
+    auth = basic_auth("alice", PASSWORD)
     async with _serve(config) as url:
         responses = [
             await _get(f"{url}/metrics", headers=auth),
