@@ -191,8 +191,30 @@ class DcsCollector(Collector):
             "Rejected configuration reloads.",
             value=state.config_reload_failures_total,
         )
+        if state.discovery_enabled:
+            yield from self._discovery()
         build = GaugeMetricFamily(
             "dcs_migration_exporter_build_info", "Exporter version; always 1.", labels=["version"]
         )
         build.add_metric([__version__], 1.0)
         yield build
+
+    def _discovery(self) -> Iterator[Metric]:
+        state = self.state
+        if state.discovered_tasks is not None:
+            yield GaugeMetricFamily(
+                "dcs_migration_discovered_tasks",
+                "Tasks the last successful discovery listing matched (all shards).",
+                value=state.discovered_tasks,
+            )
+        if state.discovery_last_success_time is not None:
+            yield GaugeMetricFamily(
+                "dcs_migration_discovery_last_success_timestamp_seconds",
+                "Unix time of the last successful discovery listing.",
+                value=state.discovery_last_success_time,
+            )
+        yield CounterMetricFamily(
+            "dcs_migration_discovery_failures",
+            "Discovery listings that failed (the previous result was kept).",
+            value=state.discovery_failures_total,
+        )

@@ -185,14 +185,27 @@ class Daemon:
         if self.poller is not None:
             self.poller.set_tasks(self.watched(self.config))
 
+    def _discovery_refreshed(self, discovery: Discovery, ok: bool) -> None:
+        state = self.state
+        if ok:
+            state.discovered_tasks = len(discovery.found)
+            state.discovery_last_success_time = discovery.last_success_time
+        else:
+            state.discovery_failures_total += 1
+        state.changed()
+
     def _start_discovery(self, first_delay: float) -> None:
         """Run discovery for the current config, keeping the last result across reloads."""
         config = self.config.discovery
+        self.state.discovery_enabled = config is not None
+        self.state.changed()
         if config is None:
             self.discovery = None
             return
         found = self.discovery.found if self.discovery is not None else ()
-        self.discovery = Discovery(config, self._list_tasks, self._discovered)
+        self.discovery = Discovery(
+            config, self._list_tasks, self._discovered, on_refresh=self._discovery_refreshed
+        )
         self.discovery.found = found
         self._discovery_loop = asyncio.get_running_loop().create_task(
             self.discovery.run(first_delay=first_delay)

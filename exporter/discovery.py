@@ -67,12 +67,14 @@ class Discovery:
         list_tasks: Lister,
         on_change: Callable[[tuple[TaskConfig, ...]], None],
         *,
+        on_refresh: Callable[[Discovery, bool], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self._list_tasks = list_tasks
         self._on_change = on_change
+        self._on_refresh = on_refresh  # after every listing, with whether it worked
         self._sleep = sleep
         self._wall = wall
         self.found: tuple[TaskConfig, ...] = ()  # the last good result
@@ -88,6 +90,8 @@ class Discovery:
         except ApiError as error:
             self.failures += 1
             log.warning("discovery: listing the tasks failed, keeping the last result: %s", error)
+            if self._on_refresh is not None:
+                self._on_refresh(self, False)
             return False
         found = select(listed, self.config)
         self.refreshes += 1
@@ -105,6 +109,8 @@ class Discovery:
             )
             self.found = found
             self._on_change(found)
+        if self._on_refresh is not None:
+            self._on_refresh(self, True)
         return True
 
     async def run(self, *, first_delay: float = 0.0) -> None:

@@ -62,6 +62,10 @@ class ExporterState:
     clock_skew_seconds: float | None = None
     config_reload_ok: bool = True
     config_reload_failures_total: int = 0
+    discovery_enabled: bool = False  # the config has a discovery section (exporter.discovery)
+    discovered_tasks: int | None = None  # tasks the last good listing matched; None before one
+    discovery_last_success_time: float | None = None  # Unix time
+    discovery_failures_total: int = 0
     _error_codes: set[str] = field(default_factory=set)
 
     def changed(self) -> None:

@@ -166,11 +166,14 @@ async def test_failed_listing_keeps_the_last_result() -> None:
         return answer
 
     changes: list[tuple[TaskConfig, ...]] = []
-    discovery = Discovery(DiscoveryConfig(), lister, changes.append)
+    outcomes: list[bool] = []
+    discovery = Discovery(
+        DiscoveryConfig(), lister, changes.append, on_refresh=lambda _, ok: outcomes.append(ok)
+    )
     assert await discovery.refresh()
     assert not await discovery.refresh()
     assert discovery.found == (TaskConfig("a"), TaskConfig("b"))
-    assert (len(changes), discovery.failures) == (1, 1)
+    assert (len(changes), discovery.failures, outcomes) == (1, 1, [True, False])
 
 
 async def test_daemon_follows_tasks_appearing_and_vanishing(
@@ -193,6 +196,9 @@ async def test_daemon_follows_tasks_appearing_and_vanishing(
         exposition = MetricsRenderer(daemon.state).render(openmetrics=False).decode()
         assert f'task_id="{IDS[5]}"' in exposition
         assert f'task_id="{IDS[0]}"' not in exposition
+        assert "\ndcs_migration_discovered_tasks 5.0\n" in exposition
+        assert "\ndcs_migration_discovery_failures_total 0.0\n" in exposition
+        assert "\ndcs_migration_discovery_last_success_timestamp_seconds " in exposition
     finally:
         await daemon.close()
 
@@ -245,3 +251,9 @@ async def test_once_polls_discovered_tasks_of_its_shard(
     printed = capsys.readouterr().out
     shown = {t for t in IDS[:20] if f'dcs_migration_up{{task_id="{t}"}} 1.0' in printed}
     assert shown == {t for t in IDS[:20] if shard_of(t, 2) == 1}
+
+
+def test_no_discovery_families_without_discovery() -> None:
+    """Without a discovery section the exposition has no discovery series at all."""
+    daemon = Daemon(make_config("http://dcs.invalid"), None, None)
+    assert b"discover" not in MetricsRenderer(daemon.state).render(openmetrics=False)
