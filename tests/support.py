@@ -31,6 +31,28 @@ BASELINE_BODY: dict[str, Any] = {
     "target_ops": "300",
     "is_migrating": True,
 }
+# The baseline as bare JSON numbers instead of the documented strings.
+BASELINE_NUMBERS_BODY: dict[str, Any] = {
+    "full_migration_progress": 45,
+    "offset": 5000,
+    "source_dbsize": 1000,
+    "target_dbsize": 450,
+    "target_input_kbps": 12.5,
+    "target_ops": 300,
+    "is_migrating": True,
+}
+# The task and the 200 example of the API reference page (dcs-api/ShowMigrationTaskStats.html), as
+# published (bare numbers, not strings).
+DOC_TASK = "31c6fd2b-2893-430b-90ff-d1adb8060585"
+DOC_EXAMPLE_BODY: dict[str, Any] = {
+    "full_migration_progress": 100,
+    "offset": 100,
+    "source_dbsize": 531221,
+    "target_dbsize": 531211,
+    "target_input_kbps": 50,
+    "target_ops": 5300,
+    "is_migrating": True,
+}
 
 Clients = Callable[[web.Application], Awaitable[TestClient]]
 """The ``clients`` fixture: start a test client for an app (closed at the end of the test)."""

@@ -26,6 +26,7 @@ from exporter.stats import StatsRecord, UnexpectedShape, parse_stats
 from exporter.throttle import Throttle
 from tests.support import (
     BASELINE_BODY,
+    BASELINE_NUMBERS_BODY,
     PROJ,
     TASK_A,
     TASK_B,
@@ -35,16 +36,6 @@ from tests.support import (
     make_config,
 )
 from tests.test_client import FakeClock, client_for, password_config, recorders
-
-NUMBERS_BODY = {
-    "full_migration_progress": 45,
-    "offset": 5000,
-    "source_dbsize": 1000,
-    "target_dbsize": 450,
-    "target_input_kbps": 12.5,
-    "target_ops": 300,
-    "is_migrating": True,
-}
 
 
 def samples(record: StatsRecord) -> dict[str, float | None]:
@@ -102,7 +93,7 @@ async def test_c01_numbers_as_strings_and_bare_numbers(
 ) -> None:
     """C01: the documented strings (poll 1) and bare JSON numbers (poll 2) give the same samples."""
     first = await poll(client)
-    sim_server.sim.set_body(TASK_A, dict(NUMBERS_BODY))
+    sim_server.sim.set_body(TASK_A, dict(BASELINE_NUMBERS_BODY))
     second = await poll(client)
     assert samples(first) == samples(second) == BASELINE_SAMPLES
     assert first.problems == second.problems == ()

@@ -16,9 +16,7 @@ from exporter.client import TaskDetails
 from exporter.collector import DcsCollector
 from exporter.state import MAX_ERROR_CODES, ExporterState, TaskState
 from exporter.stats import StatsRecord
-from tests.support import TASK_A, TASK_B
-
-DOC_TASK = "31c6fd2b-2893-430b-90ff-d1adb8060585"
+from tests.support import DOC_TASK, TASK_A, TASK_B
 
 
 def render(state: ExporterState, openmetrics: bool = False) -> str:

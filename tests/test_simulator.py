@@ -39,30 +39,10 @@ from exporter.simulator import (
     demo_simulator,
     start,
 )
+from tests.support import BASELINE_BODY, DOC_EXAMPLE_BODY, PROJ, TASK_A, TASK_B
 
 REPO = Path(__file__).resolve().parent.parent
-TASK_A = "aaaaaaaa-0000-4000-8000-000000000001"
-TASK_B = "aaaaaaaa-0000-4000-8000-000000000002"
-OTHER_PROJECT = "0000000000000000000000000000abcd"
-BASELINE = {
-    "full_migration_progress": "45",
-    "offset": "5000",
-    "source_dbsize": "1000",
-    "target_dbsize": "450",
-    "target_input_kbps": "12.5",
-    "target_ops": "300",
-    "is_migrating": True,
-}
-# The 200 example of ShowMigrationTaskStats.html, as published (bare numbers, not strings).
-DOC_EXAMPLE = {
-    "full_migration_progress": 100,
-    "offset": 100,
-    "source_dbsize": 531221,
-    "target_dbsize": 531211,
-    "target_input_kbps": 50,
-    "target_ops": 5300,
-    "is_migrating": True,
-}
+OTHER_PROJECT = PROJ  # not the demo simulator's project
 MODEL = MigrationModel(source_keys=10_000, full_phase_seconds=100, ops=300, kbps=12.5, seed=7)
 
 
@@ -172,9 +152,9 @@ async def test_signed_request_accepted(
 ) -> None:
     """A request signed with the demo AK/SK on the simulator's clock gets the stats."""
     sim = Simulator(clock=clock)
-    sim.add_task(TASK_A, "orders-cache", body=BASELINE)
+    sim.add_task(TASK_A, "orders-cache", body=BASELINE_BODY)
     url = await serve(sim) + stats_path(TASK_A)
-    assert await get_signed(session, url, clock) == (200, BASELINE)
+    assert await get_signed(session, url, clock) == (200, BASELINE_BODY)
     assert sim.requests[-1].auth == "aksk"
 
 
@@ -283,7 +263,7 @@ async def test_token_flow_issue_use_expire(
 ) -> None:
     """A token from POST /v3/auth/tokens works on DCS until expire_tokens(), then 401 "token expired"; a new one works."""
     sim = Simulator(clock=clock)
-    sim.add_task(TASK_A, "orders-cache", body=BASELINE)
+    sim.add_task(TASK_A, "orders-cache", body=BASELINE_BODY)
     base_url = await serve(sim)
     status, body, token = await issue_token(session, base_url)
     assert status == 201 and token
@@ -293,7 +273,7 @@ async def test_token_flow_issue_use_expire(
         "domain": body["token"]["project"]["domain"],
     }
     url = base_url + stats_path(TASK_A)
-    assert (await get_json(session, url, {"X-Auth-Token": token}))[:2] == (200, BASELINE)
+    assert (await get_json(session, url, {"X-Auth-Token": token}))[:2] == (200, BASELINE_BODY)
     assert sim.requests[-1].auth == "token"
 
     sim.expire_tokens()
@@ -518,9 +498,9 @@ async def test_stats_body_equals_doc_example(
     sim = Simulator(clock=clock)
     sim.add_task(TASK_A, "orders-cache", model=MODEL)
     url = await serve(sim) + stats_path(TASK_A)
-    sim.set_body(TASK_A, DOC_EXAMPLE)
+    sim.set_body(TASK_A, DOC_EXAMPLE_BODY)
     status, body, response = await get_json(session, url, signed(url, clock))
-    assert (status, body) == (200, DOC_EXAMPLE)
+    assert (status, body) == (200, DOC_EXAMPLE_BODY)
     assert response.content_type == "application/json"
 
 
@@ -571,10 +551,10 @@ def test_model_invariants(elapsed: float, seed: int, stalled: bool) -> None:
     """Every body has the seven fields, progress in 0-100, non-negative counts, and offset 0 in the full phase."""
     model = MigrationModel(5_000, 300, 100, 8.0, seed=seed, stalled=stalled)
     stats = model.stats_at(elapsed)
-    assert set(stats) == set(BASELINE)
+    assert set(stats) == set(BASELINE_BODY)
     progress = int(str(stats["full_migration_progress"]))
     assert 0 <= progress <= 100
-    assert all(float(str(stats[key])) >= 0 for key in BASELINE if key != "is_migrating")
+    assert all(float(str(stats[key])) >= 0 for key in BASELINE_BODY if key != "is_migrating")
     assert int(str(stats["target_dbsize"])) <= 5_000
     if elapsed < 300:
         assert stats["offset"] == "0"
@@ -654,7 +634,7 @@ async def test_canned_status_headers_body(
 ) -> None:
     """A pushed reply is sent with its status, headers, content type and raw or JSON body, then the body resumes."""
     sim = Simulator(clock=clock)
-    sim.add_task(TASK_A, "orders-cache", body=BASELINE)
+    sim.add_task(TASK_A, "orders-cache", body=BASELINE_BODY)
     url = await serve(sim) + stats_path(TASK_A)
     sim.push(TASK_A, canned)
     async with session.get(url, headers=signed(url, clock)) as response:
@@ -663,7 +643,7 @@ async def test_canned_status_headers_body(
         assert await response.text() == text
         for name, value in canned.headers.items():
             assert response.headers[name] == value
-    assert await get_signed(session, url, clock) == (200, BASELINE)
+    assert await get_signed(session, url, clock) == (200, BASELINE_BODY)
     assert [record.status for record in sim.requests] == [canned.status, 200]
 
 
@@ -672,8 +652,8 @@ async def test_canned_order_push_all_then_push_then_body(
 ) -> None:
     """push_all() replies go to the next calls of any task, before that task's push() queue, before its body."""
     sim = Simulator(clock=clock)
-    sim.add_task(TASK_A, "orders-cache", body=BASELINE)
-    sim.add_task(TASK_B, "sessions-cache", body=DOC_EXAMPLE)
+    sim.add_task(TASK_A, "orders-cache", body=BASELINE_BODY)
+    sim.add_task(TASK_B, "sessions-cache", body=DOC_EXAMPLE_BODY)
     base_url = await serve(sim)
     sim.push(TASK_A, CannedResponse(status=500, body={"error_code": "DCS.5000"}))
     sim.push_all(CannedResponse(status=429), CannedResponse(status=429))
@@ -691,21 +671,21 @@ async def test_push_for_unknown_task(
     """Replies pushed for a task the simulator does not have are served, then DCS.4133."""
     sim = Simulator(clock=clock)
     url = await serve(sim) + stats_path(TASK_B)
-    sim.push(TASK_B, CannedResponse(body=BASELINE))
-    assert await get_signed(session, url, clock) == (200, BASELINE)
+    sim.push(TASK_B, CannedResponse(body=BASELINE_BODY))
+    assert await get_signed(session, url, clock) == (200, BASELINE_BODY)
     assert (await get_signed(session, url, clock))[0] == 400
 
 
 async def test_canned_delay(serve: Serve, session: aiohttp.ClientSession, clock: FakeClock) -> None:
     """A delayed reply arrives no sooner than its delay, and counts as in flight meanwhile."""
     sim = Simulator(clock=clock)
-    sim.add_task(TASK_A, "orders-cache", body=BASELINE)
+    sim.add_task(TASK_A, "orders-cache", body=BASELINE_BODY)
     url = await serve(sim) + stats_path(TASK_A)
-    sim.push(TASK_A, CannedResponse(body=DOC_EXAMPLE, delay=0.3))
+    sim.push(TASK_A, CannedResponse(body=DOC_EXAMPLE_BODY, delay=0.3))
     started = time.monotonic()
     call = asyncio.create_task(get_signed(session, url, clock))
     assert await eventually(lambda: sim.in_flight(TASK_A) == 1)
-    assert await call == (200, DOC_EXAMPLE)
+    assert await call == (200, DOC_EXAMPLE_BODY)
     assert time.monotonic() - started >= 0.3
     assert sim.in_flight(TASK_A) == 0
 
@@ -715,7 +695,7 @@ async def test_canned_hang_until_client_times_out(
 ) -> None:
     """A hanging reply sends nothing, so the client's timeout fires; the request leaves in-flight when the client does."""
     sim = Simulator(clock=clock)
-    sim.add_task(TASK_A, "orders-cache", body=BASELINE)
+    sim.add_task(TASK_A, "orders-cache", body=BASELINE_BODY)
     url = await serve(sim) + stats_path(TASK_A)
     sim.push(TASK_A, CannedResponse(hang=True))
     started = time.monotonic()
@@ -728,7 +708,7 @@ async def test_canned_hang_until_client_times_out(
     assert sim.max_in_flight(TASK_A) == 1
     assert await eventually(lambda: sim.in_flight(TASK_A) == 0)
     assert sim.requests[-1].status == 0
-    assert await get_signed(session, url, clock) == (200, BASELINE)
+    assert await get_signed(session, url, clock) == (200, BASELINE_BODY)
 
 
 async def test_canned_partial_body_then_stall(
@@ -754,13 +734,13 @@ async def test_canned_partial_body_then_stall(
 async def test_canned_reset(serve: Serve, session: aiohttp.ClientSession, clock: FakeClock) -> None:
     """A reset reply closes the connection with no response; aiohttp retries a GET once, so it takes two."""
     sim = Simulator(clock=clock)
-    sim.add_task(TASK_A, "orders-cache", body=BASELINE)
+    sim.add_task(TASK_A, "orders-cache", body=BASELINE_BODY)
     url = await serve(sim) + stats_path(TASK_A)
     sim.push(TASK_A, CannedResponse(reset=True), CannedResponse(reset=True))
     with pytest.raises(aiohttp.ClientConnectionError):
         await get_signed(session, url, clock)
     assert [record.status for record in sim.requests] == [0, 0]
-    assert await get_signed(session, url, clock) == (200, BASELINE)
+    assert await get_signed(session, url, clock) == (200, BASELINE_BODY)
 
 
 async def test_in_flight_accounting(
@@ -768,10 +748,10 @@ async def test_in_flight_accounting(
 ) -> None:
     """in_flight() counts a task's open stats requests and max_in_flight() keeps the peak, per task."""
     sim = Simulator(clock=clock)
-    sim.add_task(TASK_A, "orders-cache", body=BASELINE)
-    sim.add_task(TASK_B, "sessions-cache", body=BASELINE)
+    sim.add_task(TASK_A, "orders-cache", body=BASELINE_BODY)
+    sim.add_task(TASK_B, "sessions-cache", body=BASELINE_BODY)
     url = await serve(sim) + stats_path(TASK_A)
-    sim.push(TASK_A, *[CannedResponse(body=BASELINE, delay=0.3)] * 3)
+    sim.push(TASK_A, *[CannedResponse(body=BASELINE_BODY, delay=0.3)] * 3)
     calls = [asyncio.create_task(get_signed(session, url, clock)) for _ in range(3)]
     assert await eventually(lambda: sim.in_flight(TASK_A) == 3)
     assert sim.in_flight(TASK_B) == 0

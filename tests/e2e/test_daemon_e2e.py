@@ -39,24 +39,23 @@ from exporter.simulator import (
     start,
 )
 from tests.e2e.conftest import Processes
-from tests.support import BASELINE_BODY, TASK_A, TASK_B, config_yaml
+from tests.support import (
+    BASELINE_BODY,
+    DOC_EXAMPLE_BODY,
+    DOC_TASK,
+    PROJ,
+    TASK_A,
+    TASK_B,
+    config_yaml,
+)
 from tests.test_poller import Scrape
 
 pytestmark = pytest.mark.e2e
 
-# The task and bodies of the API reference page (dcs-api/ShowMigrationTaskStats.html).
-DOC_TASK = "31c6fd2b-2893-430b-90ff-d1adb8060585"
-DOC_EXAMPLE = {
-    "full_migration_progress": 100,
-    "offset": 100,
-    "source_dbsize": 531221,
-    "target_dbsize": 531211,
-    "target_input_kbps": 50,
-    "target_ops": 5300,
-    "is_migrating": True,
-}
+# The example body of the API reference page in its documented string form, and its error body.
 DOC_EXAMPLE_STRINGS = {
-    key: (value if isinstance(value, bool) else str(value)) for key, value in DOC_EXAMPLE.items()
+    key: (value if isinstance(value, bool) else str(value))
+    for key, value in DOC_EXAMPLE_BODY.items()
 }
 DOC_ERROR = {"error_code": "DCS.4133", "error_msg": "Instance job is not found."}
 DOC_EXPECTED = {
@@ -125,9 +124,7 @@ async def sim() -> AsyncIterator[Sim]:
 
 def aksk_yaml(url: str, tasks: tuple[str, ...] = (TASK_A, TASK_B), polling: str = FAST) -> str:
     """A config for the simulator's demo project with AK/SK auth."""
-    return config_yaml(url, tasks, polling).replace(
-        "0000000000000000000000000000abcd", DEMO_PROJECT_ID
-    )
+    return config_yaml(url, tasks, polling).replace(PROJ, DEMO_PROJECT_ID)
 
 
 def password_yaml(url: str, password_file: Path, tasks: tuple[str, ...] = (TASK_A, TASK_B)) -> str:
@@ -237,7 +234,7 @@ async def test_documented_example_end_to_end(
     """The docs' example body (numbers), its documented String form, then the docs' 400 DCS.4133
     error: the values, then the same values, then no values and up 0 with the error counted."""
     simulator = Simulator()
-    simulator.add_task(DOC_TASK, "docs-example", body=DOC_EXAMPLE)
+    simulator.add_task(DOC_TASK, "docs-example", body=DOC_EXAMPLE_BODY)
     runner, url = await start(simulator)
     try:
         daemon = await launch(aksk_yaml(url, (DOC_TASK,)))
