@@ -146,6 +146,30 @@ def test_one_field_changing_alone_is_seen(first: TaskState, second: TaskState) -
         assert renderer.render(False) == reference(state, False), name
 
 
+def test_task_state_fields_are_the_ones_the_renderer_knows() -> None:
+    """A new TaskState field fails here: check exposition.task_lines, _fingerprint and the
+    task_states strategy above, then add the field to this list."""
+    assert set(TASK_FIELDS) == {
+        "configured_name",
+        "record",
+        "details",
+        "polled",
+        "up",
+        "gone",
+        "last_success_time",
+        "last_success_monotonic",
+        "last_poll_duration",
+        "last_error",
+        "last_reason",
+        "consecutive_failures",
+        "backoff_failures",
+        "polls_total",
+        "poll_errors",
+        "api_errors",
+        "parse_errors",
+    }
+
+
 def test_counter_increment_alone_is_seen() -> None:
     """A failure counted with no other field moving (a frozen clock) still changes the output."""
     state = sample_state(2)
