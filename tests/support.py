@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from exporter.client import DcsClient
 from exporter.config import AkSkAuth, CloudConfig, Config, PollingConfig, Secret, TaskConfig
-from exporter.simulator import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Simulator
+from exporter.simulator import DEMO_ACCESS_KEY, DEMO_DOMAIN, DEMO_SECRET_KEY, DEMO_USER, Simulator
 from exporter.throttle import Throttle
 
 TASK_A = "aaaaaaaa-0000-4000-8000-000000000001"
@@ -78,20 +78,35 @@ def make_config(url: str, task_ids: tuple[str, ...] = (TASK_A, TASK_B), **pollin
     )
 
 
-def config_yaml(url: str, task_ids: tuple[str, ...] = (TASK_A, TASK_B), extra: str = "") -> str:
-    """The same config as YAML text, for tests that start the daemon from a file."""
+def config_yaml(
+    url: str,
+    task_ids: tuple[str, ...] = (TASK_A, TASK_B),
+    extra: str = "",
+    *,
+    project_id: str = PROJ,
+    password_file: Path | None = None,
+) -> str:
+    """The same config as YAML text, for tests that start the daemon from a file.
+
+    ``extra`` goes between auth and tasks (a polling section, say). With ``password_file`` the
+    simulator's IAM user signs in with the password in that file instead of AK/SK.
+    """
+    auth: dict[str, object] = (
+        {"access_key": DEMO_ACCESS_KEY, "secret_key": DEMO_SECRET_KEY}
+        if password_file is None
+        else {"username": DEMO_USER, "password_file": password_file, "domain_name": DEMO_DOMAIN}
+    )
     tasks = "\n".join(f'  - id: "{task_id}"' for task_id in task_ids)
     text = f"""\
     cloud:
       region: eu-de
-      project_id: "{PROJ}"
+      project_id: "{project_id}"
       dcs_endpoint: {url}
       iam_endpoint: {url}/v3
     auth:
-      access_key: {DEMO_ACCESS_KEY}
-      secret_key: {DEMO_SECRET_KEY}
     """
-    return textwrap.dedent(text) + extra + f"tasks:\n{tasks}\n"
+    auth_lines = "".join(f"  {key}: {value}\n" for key, value in auth.items())
+    return textwrap.dedent(text) + auth_lines + extra + f"tasks:\n{tasks}\n"
 
 
 def write_config(directory: Path, url: str, *args: Any, **kwargs: Any) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,9 +18,7 @@ from exporter.config import load_config
 from exporter.daemon import Daemon
 from exporter.poller import Poller
 from exporter.simulator import (
-    DEMO_DOMAIN,
     DEMO_PASSWORD,
-    DEMO_USER,
     CannedResponse,
     Simulator,
     start,
@@ -34,18 +31,7 @@ FAST = "polling:\n  interval: 200ms\n  timeout: 2s\n  max_requests_per_second: 1
 
 def password_yaml(url: str, password_file: Path, polling: str = FAST) -> str:
     """A config using an IAM password read from a file."""
-    text = f"""\
-    cloud:
-      region: eu-de
-      project_id: "{PROJ}"
-      dcs_endpoint: {url}
-      iam_endpoint: {url}/v3
-    auth:
-      username: {DEMO_USER}
-      password_file: {password_file}
-      domain_name: {DEMO_DOMAIN}
-    """
-    return textwrap.dedent(text) + polling + f'tasks:\n  - id: "{TASK_A}"\n'
+    return config_yaml(url, (TASK_A,), polling, password_file=password_file)
 
 
 class Running:

@@ -15,7 +15,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,11 +26,9 @@ import bcrypt
 import pytest
 
 from exporter.simulator import (
-    DEMO_DOMAIN,
     DEMO_PASSWORD,
     DEMO_PROJECT_ID,
     DEMO_SECRET_KEY,
-    DEMO_USER,
     SOURCE_PASSWORD,
     TARGET_PASSWORD,
     CannedResponse,
@@ -43,7 +40,6 @@ from tests.support import (
     BASELINE_BODY,
     DOC_EXAMPLE_BODY,
     DOC_TASK,
-    PROJ,
     TASK_A,
     TASK_B,
     config_yaml,
@@ -124,24 +120,12 @@ async def sim() -> AsyncIterator[Sim]:
 
 def aksk_yaml(url: str, tasks: tuple[str, ...] = (TASK_A, TASK_B), polling: str = FAST) -> str:
     """A config for the simulator's demo project with AK/SK auth."""
-    return config_yaml(url, tasks, polling).replace(PROJ, DEMO_PROJECT_ID)
+    return config_yaml(url, tasks, polling, project_id=DEMO_PROJECT_ID)
 
 
 def password_yaml(url: str, password_file: Path, tasks: tuple[str, ...] = (TASK_A, TASK_B)) -> str:
     """A config for the simulator's demo project with an IAM password from a file."""
-    text = f"""\
-    cloud:
-      region: eu-de
-      project_id: "{DEMO_PROJECT_ID}"
-      dcs_endpoint: {url}
-      iam_endpoint: {url}/v3
-    auth:
-      username: {DEMO_USER}
-      password_file: {password_file}
-      domain_name: {DEMO_DOMAIN}
-    """
-    task_lines = "".join(f'  - id: "{task}"\n' for task in tasks)
-    return textwrap.dedent(text) + FAST + "tasks:\n" + task_lines
+    return config_yaml(url, tasks, FAST, project_id=DEMO_PROJECT_ID, password_file=password_file)
 
 
 class Exporter:
