@@ -40,25 +40,15 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from exporter.exposition import VALUE_FAMILIES  # noqa: E402
 from exporter.simulator import (  # noqa: E402
-    DEMO_DOMAIN,
     DEMO_PASSWORD,
-    DEMO_USER,
     CannedResponse,
     Simulator,
     start,
 )
+from tests.support import PROJ, config_yaml  # noqa: E402
 
-PROJECT = "0000000000000000000000000000abcd"
-VALUE_FAMILIES = (
-    "dcs_migration_progress_ratio",
-    "dcs_migration_offset",
-    "dcs_migration_source_keys",
-    "dcs_migration_target_keys",
-    "dcs_migration_target_input_bytes_per_second",
-    "dcs_migration_target_ops_per_second",
-    "dcs_migration_migrating",
-)
 # Series every healthy task has: 7 values, info, up, last success, poll duration, polls_total.
 STEADY_PER_TASK = (
     *VALUE_FAMILIES,
@@ -192,16 +182,7 @@ def open_fds(pid: int) -> int:
 
 
 def config_text(url: str, password_file: Path, tasks: list[str], interval: float) -> str:
-    head = f"""\
-    cloud:
-      region: eu-de
-      project_id: "{PROJECT}"
-      dcs_endpoint: {url}
-      iam_endpoint: {url}/v3
-    auth:
-      username: {DEMO_USER}
-      password_file: {password_file}
-      domain_name: {DEMO_DOMAIN}
+    polling = f"""\
     polling:
       interval: {int(interval * 1000)}ms
       timeout: 1s
@@ -209,7 +190,7 @@ def config_text(url: str, password_file: Path, tasks: list[str], interval: float
       details_interval: 30s
       max_requests_per_second: 5000
     """
-    return textwrap.dedent(head) + "tasks:\n" + "".join(f'  - id: "{t}"\n' for t in tasks)
+    return config_yaml(url, tuple(tasks), textwrap.dedent(polling), password_file=password_file)
 
 
 class Daemon:
@@ -251,7 +232,7 @@ class Daemon:
 async def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     workdir = Path(tempfile.mkdtemp(prefix="dcs-soak-"))
-    sim = Simulator(project_id=PROJECT, token_ttl=20.0)
+    sim = Simulator(project_id=PROJ, token_ttl=20.0)
     all_tasks = [task_id(n) for n in range(args.tasks + 20)]
     for n, tid in enumerate(all_tasks):
         sim.add_task(tid, f"soak-{n}", started_ago=rng.uniform(0, 1200))

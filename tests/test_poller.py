@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import TaskConfig
+from exporter.exposition import VALUE_FAMILIES
 from exporter.poller import MAX_BACKOFF_SECONDS, Poller
 from exporter.simulator import CannedResponse
 from exporter.state import ExporterState
@@ -25,15 +26,6 @@ from exporter.web import MetricsRenderer
 from tests.support import BASELINE_BODY, TASK_A, TASK_B, TASK_C, SimServer, make_client, make_config
 
 Labels = tuple[tuple[str, str], ...]
-VALUE_NAMES = (
-    "dcs_migration_progress_ratio",
-    "dcs_migration_offset",
-    "dcs_migration_source_keys",
-    "dcs_migration_target_keys",
-    "dcs_migration_target_input_bytes_per_second",
-    "dcs_migration_target_ops_per_second",
-    "dcs_migration_migrating",
-)
 BASELINE_VALUES = {
     "dcs_migration_progress_ratio": 0.45,
     "dcs_migration_offset": 5000.0,
@@ -91,7 +83,7 @@ class Scrape:
         return {
             name: value
             for (name, labels), value in self.samples.items()
-            if name in VALUE_NAMES and dict(labels) == {"task_id": task_id}
+            if name in VALUE_FAMILIES and dict(labels) == {"task_id": task_id}
         }
 
 
