@@ -298,7 +298,7 @@ class Daemon:
             # One listing before the first round, so that discovered tasks are in it.
             self._start_discovery(first_delay=self.config.discovery.interval)
             assert self.discovery is not None
-            await self.discovery.refresh()
+            await self.discovery.refresh_guarded()
         self._start_polling()
 
     @property

@@ -113,15 +113,22 @@ class Discovery:
             self._on_refresh(self, True)
         return True
 
+    async def refresh_guarded(self) -> bool:
+        """refresh(), but a bug is logged and counted as a failed listing instead of raised."""
+        try:
+            return await self.refresh()
+        except Exception:  # a bug must not stop discovery, or the daemon's start
+            log.exception("discovery: unexpected error")
+            self.failures += 1
+            if self._on_refresh is not None:
+                self._on_refresh(self, False)
+            return False
+
     async def run(self, *, first_delay: float = 0.0) -> None:
         """Refresh forever: every interval, or sooner after a failure; never raises."""
         await self._sleep(first_delay)
         while True:
-            try:
-                ok = await self.refresh()
-            except Exception:  # a bug must not end discovery for good
-                log.exception("discovery: unexpected error")
-                ok = False
+            ok = await self.refresh_guarded()
             await self._sleep(
                 self.config.interval if ok else min(RETRY_SECONDS, self.config.interval)
             )

@@ -257,3 +257,17 @@ def test_no_discovery_families_without_discovery() -> None:
     """Without a discovery section the exposition has no discovery series at all."""
     daemon = Daemon(make_config("http://dcs.invalid"), None, None)
     assert b"discover" not in MetricsRenderer(daemon.state).render(openmetrics=False)
+
+
+async def test_a_bug_while_listing_is_a_failed_listing() -> None:
+    """An unexpected exception is logged and counted, and does not escape refresh_guarded."""
+
+    async def broken() -> list[TaskDetails]:
+        raise KeyError("bug")
+
+    outcomes: list[bool] = []
+    discovery = Discovery(
+        DiscoveryConfig(), broken, lambda found: None, on_refresh=lambda _, ok: outcomes.append(ok)
+    )
+    assert not await discovery.refresh_guarded()
+    assert (discovery.failures, outcomes) == (1, [False])
