@@ -9,21 +9,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from exporter.simulator import Simulator, start
-from tests.support import BASELINE_BODY, PROJ, TASK_A, TASK_B, Clients, SimServer
+from tests.support import Clients, SimServer, baseline_sim_server
 
 
 @pytest.fixture
 async def sim_server() -> AsyncIterator[SimServer]:
     """A simulator for project PROJ with TASK_A and TASK_B serving the baseline body."""
-    sim = Simulator(project_id=PROJ)
-    sim.add_task(TASK_A, "task-a", body=dict(BASELINE_BODY))
-    sim.add_task(TASK_B, "task-b", body=dict(BASELINE_BODY))
-    runner, url = await start(sim)
-    try:
-        yield SimServer(sim, url)
-    finally:
-        await runner.cleanup()
+    async with baseline_sim_server() as server:
+        yield server
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import textwrap
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,14 @@ from aiohttp.test_utils import TestClient
 
 from exporter.client import DcsClient
 from exporter.config import AkSkAuth, CloudConfig, Config, PollingConfig, Secret, TaskConfig
-from exporter.simulator import DEMO_ACCESS_KEY, DEMO_DOMAIN, DEMO_SECRET_KEY, DEMO_USER, Simulator
+from exporter.simulator import (
+    DEMO_ACCESS_KEY,
+    DEMO_DOMAIN,
+    DEMO_SECRET_KEY,
+    DEMO_USER,
+    Simulator,
+    start,
+)
 from exporter.throttle import Throttle
 
 TASK_A = "aaaaaaaa-0000-4000-8000-000000000001"
@@ -64,6 +72,26 @@ class SimServer:
 
     sim: Simulator
     url: str
+
+
+@asynccontextmanager
+async def serving(sim: Simulator) -> AsyncIterator[str]:
+    """Serve ``sim`` on loopback for the block; yields its base URL."""
+    runner, url = await start(sim)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def baseline_sim_server(project_id: str = PROJ) -> AsyncIterator[SimServer]:
+    """A simulator for ``project_id`` with TASK_A and TASK_B serving the baseline body."""
+    sim = Simulator(project_id=project_id)
+    sim.add_task(TASK_A, "task-a", body=dict(BASELINE_BODY))
+    sim.add_task(TASK_B, "task-b", body=dict(BASELINE_BODY))
+    async with serving(sim) as url:
+        yield SimServer(sim, url)
 
 
 def make_config(url: str, task_ids: tuple[str, ...] = (TASK_A, TASK_B), **polling: Any) -> Config:

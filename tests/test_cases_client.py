@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import re
@@ -21,7 +20,7 @@ from aiohttp import web
 
 from exporter.client import ApiError, DcsClient, ErrorKind
 from exporter.config import AkSkAuth, Secret
-from exporter.simulator import DEMO_ACCESS_KEY, CannedResponse, RequestRecord, Simulator, start
+from exporter.simulator import DEMO_ACCESS_KEY, CannedResponse, RequestRecord, Simulator
 from exporter.stats import StatsRecord, UnexpectedShape, parse_stats
 from exporter.throttle import Throttle
 from tests.support import (
@@ -34,6 +33,7 @@ from tests.support import (
     SimServer,
     make_client,
     make_config,
+    serving,
 )
 from tests.test_client import FakeClock, client_for, password_config, recorders
 
@@ -450,15 +450,6 @@ async def test_c15_proxy_from_environment(
 # ---- C16 ------------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def running(sim: Simulator) -> AsyncIterator[str]:
-    runner, url = await start(sim)
-    try:
-        yield url
-    finally:
-        await runner.cleanup()
-
-
 def three_task_sim(clock: FakeClock, token_ttl: float) -> Simulator:
     sim = Simulator(project_id=PROJ, clock=clock.time, token_ttl=token_ttl)
     for task_id in (TASK_A, TASK_B, TASK_C):
@@ -476,7 +467,7 @@ async def test_c16_token_refreshed_ahead_of_expiry(http_session: aiohttp.ClientS
     fails."""
     clock = FakeClock()
     sim = three_task_sim(clock, token_ttl=120)
-    async with running(sim) as url:
+    async with serving(sim) as url:
         client = client_for(http_session, password_config(make_config(url)), clock)
         assert await poll_three(client) == [BASELINE_BODY] * 3
         clock.advance(100)  # 20 s left, more than the 12 s margin
@@ -505,7 +496,7 @@ async def test_c16_token_expired_early_three_tasks_hit_401(
         "error_code": "APIGW.0301",
         "error_msg": "Incorrect IAM authentication information: token expired (illustrative)",
     }
-    async with running(sim) as url:
+    async with serving(sim) as url:
         client = client_for(http_session, password_config(make_config(url)), clock)
         assert await poll_three(client) == [BASELINE_BODY] * 3
         assert client.tokens is not None
@@ -531,7 +522,7 @@ async def test_c16_simulator_expiry_recovers_within_one_poll(
     succeeds (refresh on the 401, one retry), with at most one token request per rejected token."""
     clock = FakeClock()
     sim = three_task_sim(clock, token_ttl=86400)
-    async with running(sim) as url:
+    async with serving(sim) as url:
         client = client_for(http_session, password_config(make_config(url)), clock)
         assert await poll_three(client) == [BASELINE_BODY] * 3
         sim.expire_tokens()
@@ -555,7 +546,7 @@ async def test_c17a_403_token_invalid_other_body_shape(http_session: aiohttp.Cli
         }
     }
     sim.push(TASK_A, CannedResponse(403, body))
-    async with running(sim) as url:
+    async with serving(sim) as url:
         client = client_for(http_session, password_config(make_config(url)), clock)
         assert await client.get_stats(TASK_A) == BASELINE_BODY
     assert sim.token_requests == 2
@@ -577,7 +568,7 @@ async def test_c17b_permanent_403_permission(http_session: aiohttp.ClientSession
         TASK_A,
         *[CannedResponse(403, {"error_code": "DCS.4030", "error_msg": "no permission"})] * 20,
     )
-    async with running(sim) as url:
+    async with serving(sim) as url:
         client = client_for(http_session, password_config(make_config(url)), clock)
         for _ in range(20):
             error = await poll_error(client)
@@ -595,7 +586,7 @@ async def test_c17b_token_refused_even_after_refresh(http_session: aiohttp.Clien
     sim = three_task_sim(clock, token_ttl=86400)
     refused = {"error": {"code": 403, "message": "X-Auth-Token is invalid in the request"}}
     sim.push(TASK_A, *[CannedResponse(403, refused)] * 60)
-    async with running(sim) as url:
+    async with serving(sim) as url:
         client = client_for(http_session, password_config(make_config(url)), clock)
         for _ in range(20):  # 10 minutes
             error = await poll_error(client)
@@ -618,7 +609,7 @@ async def test_c19_clock_skew_detected_and_corrected(
     succeed with one request each: no retry loop."""
     sim = Simulator(project_id=PROJ, clock_offset=1200)
     sim.add_task(TASK_A, "a", body=dict(BASELINE_BODY))
-    async with running(sim) as url:
+    async with serving(sim) as url:
         client = make_client(http_session, make_config(url))
         with caplog.at_level(logging.ERROR, logger="exporter.client"):
             assert await client.get_stats(TASK_A) == BASELINE_BODY
@@ -639,7 +630,7 @@ async def test_c19_uncorrectable_skew_no_tight_loop(
     makes two requests and every later poll one; the ERROR about the clock is logged once."""
     sim = Simulator(project_id=PROJ, clock_offset=1200)
     sim.add_task(TASK_A, "a", body=dict(BASELINE_BODY))
-    async with running(sim) as url:
+    async with serving(sim) as url:
         config = make_config(url)
         config = replace(config, auth=AkSkAuth(DEMO_ACCESS_KEY, Secret(value="not-the-secret-key")))
         client = make_client(http_session, config)
@@ -693,7 +684,7 @@ async def test_c19_correction_dropped_when_host_clock_is_fixed(
     every signature 20 min off; the client notices on the next refusal, drops it and recovers."""
     sim = Simulator(project_id=PROJ, clock_offset=1200)
     sim.add_task(TASK_A, "a", body=dict(BASELINE_BODY))
-    async with running(sim) as url:
+    async with serving(sim) as url:
         client = make_client(http_session, make_config(url))
         assert await client.get_stats(TASK_A) == BASELINE_BODY
         sim.clock_offset = 0  # NTP fixed: host and gateway agree now
@@ -760,7 +751,7 @@ async def test_c21_throttling_shared_by_twenty_tasks(http_session: aiohttp.Clien
     sim = Simulator(project_id=PROJ, clock=lockstep.clock)
     for task_id in task_ids:
         sim.add_task(task_id, task_id[-2:], body=dict(BASELINE_BODY))
-    async with running(sim) as url:
+    async with serving(sim) as url:
         throttle = Throttle(10.0, clock=lockstep.clock, sleep=lockstep.sleep, rng=HighRandom())  # type: ignore[arg-type]
         client = client_for(http_session, make_config(url, timeout=60.0), throttle=throttle)
         client._wall_clock = lockstep.wall

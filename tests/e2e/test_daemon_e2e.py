@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,12 @@ from exporter.simulator import (
 )
 from tests.e2e.conftest import Processes
 from tests.support import (
-    BASELINE_BODY,
     DOC_EXAMPLE_BODY,
     DOC_TASK,
     TASK_A,
     TASK_B,
+    SimServer,
+    baseline_sim_server,
     config_yaml,
 )
 from tests.test_poller import Scrape
@@ -97,25 +97,11 @@ async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None
     return proc.poll()
 
 
-@dataclass
-class Sim:
-    """The simulator serving on loopback in this test's event loop."""
-
-    sim: Simulator
-    url: str
-
-
 @pytest.fixture
-async def sim() -> AsyncIterator[Sim]:
+async def sim() -> AsyncIterator[SimServer]:
     """A simulator for the docs' project with TASK_A and TASK_B on the baseline body."""
-    simulator = Simulator()
-    simulator.add_task(TASK_A, "task-a", body=dict(BASELINE_BODY))
-    simulator.add_task(TASK_B, "task-b", body=dict(BASELINE_BODY))
-    runner, url = await start(simulator)
-    try:
-        yield Sim(simulator, url)
-    finally:
-        await runner.cleanup()
+    async with baseline_sim_server(DEMO_PROJECT_ID) as server:
+        yield server
 
 
 def aksk_yaml(url: str, tasks: tuple[str, ...] = (TASK_A, TASK_B), polling: str = FAST) -> str:
@@ -256,7 +242,7 @@ async def test_documented_example_end_to_end(
 
 
 async def test_prometheus_scrapes_the_daemon_and_promtool_accepts_it(
-    sim: Sim,
+    sim: SimServer,
     launch: Callable[..., Awaitable[Exporter]],
     processes: Processes,
     free_port: Callable[[], int],
@@ -319,7 +305,7 @@ async def test_prometheus_scrapes_the_daemon_and_promtool_accepts_it(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_sigterm_with_a_poll_in_flight_exits_cleanly(
-    sim: Sim,
+    sim: SimServer,
     launch: Callable[..., Awaitable[Exporter]],
     processes: Processes,
     signum: signal.Signals,
@@ -350,7 +336,7 @@ async def test_sigterm_with_a_poll_in_flight_exits_cleanly(
 
 
 async def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(
-    sim: Sim, launch: Callable[..., Awaitable[Exporter]], tmp_path: Path, processes: Processes
+    sim: SimServer, launch: Callable[..., Awaitable[Exporter]], tmp_path: Path, processes: Processes
 ) -> None:
     """SIGHUP with a broken file: an ERROR is logged, reload_failures +1, last_reload_successful 0,
     and the old tasks keep polling; SIGHUP with a good file then adopts it."""
@@ -401,7 +387,7 @@ async def run_cli(*argv: str, cwd: Path) -> tuple[int, str, str]:
 
 
 async def test_once_prints_the_exposition_and_fails_if_a_task_failed(
-    sim: Sim, tmp_path: Path
+    sim: SimServer, tmp_path: Path
 ) -> None:
     """--once exits 0 with both tasks' values on stdout; with TASK_B answering 500 it exits 1 and
     still prints TASK_A's values and TASK_B's up 0; logs never mix into stdout."""
@@ -499,7 +485,7 @@ def make_pki(directory: Path) -> None:
 
 
 async def test_web_config_tls_and_basic_auth(
-    sim: Sim,
+    sim: SimServer,
     launch: Callable[..., Awaitable[Exporter]],
     tmp_path: Path,
     tool: Callable[[str], str],
@@ -547,7 +533,7 @@ async def test_web_config_tls_and_basic_auth(
 
 
 async def test_no_secret_reaches_output_or_pages(
-    sim: Sim,
+    sim: SimServer,
     launch: Callable[..., Awaitable[Exporter]],
     processes: Processes,
     tmp_path: Path,
