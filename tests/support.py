@@ -39,6 +39,16 @@ BASELINE_BODY: dict[str, Any] = {
     "target_ops": "300",
     "is_migrating": True,
 }
+# What the baseline body reads as, by API field, in the units of the metrics.
+BASELINE_SAMPLES: dict[str, float | None] = {
+    "full_migration_progress": 0.45,
+    "offset": 5000.0,
+    "source_dbsize": 1000.0,
+    "target_dbsize": 450.0,
+    "target_input_kbps": 12.5 * 1024,
+    "target_ops": 300.0,
+    "is_migrating": 1.0,
+}
 # The baseline as bare JSON numbers instead of the documented strings.
 BASELINE_NUMBERS_BODY: dict[str, Any] = {
     "full_migration_progress": 45,

@@ -26,6 +26,7 @@ from exporter.throttle import Throttle
 from tests.support import (
     BASELINE_BODY,
     BASELINE_NUMBERS_BODY,
+    BASELINE_SAMPLES,
     PROJ,
     TASK_A,
     TASK_B,
@@ -72,17 +73,6 @@ async def poll_error(client: DcsClient, task_id: str = TASK_A) -> ApiError:
 def client(sim_server: SimServer, http_session: aiohttp.ClientSession) -> DcsClient:
     """An AK/SK client for the sim_server simulator."""
     return make_client(http_session, make_config(sim_server.url))
-
-
-BASELINE_SAMPLES = {
-    "full_migration_progress": 0.45,
-    "offset": 5000.0,
-    "source_dbsize": 1000.0,
-    "target_dbsize": 450.0,
-    "target_input_kbps": 12.5 * 1024,
-    "target_ops": 300.0,
-    "is_migrating": 1.0,
-}
 
 
 # ---- C01 ------------------------------------------------------------------------------------
