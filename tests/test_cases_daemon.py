@@ -92,14 +92,7 @@ async def test_c11_deleted_task_loses_its_values_and_backs_off(
     assert after.values(TASK_A) == BASELINE_VALUES
     assert after.get("dcs_migration_up", task_id=TASK_A) == 1
 
-    polled_at = [rig.clock.now - rig.interval]
-    seen = rig.stats_requests(TASK_B)
-    while len(polled_at) < 8:
-        now = rig.clock.now
-        await rig.round()
-        if rig.stats_requests(TASK_B) > seen:
-            seen = rig.stats_requests(TASK_B)
-            polled_at.append(now)
+    polled_at = [rig.clock.now - rig.interval, *await rig.poll_times(TASK_B, 7)]
     gaps = [b - a for a, b in itertools.pairwise(polled_at)]
     assert gaps == [10, 20, 40, 80, 160, 300, 300]
     final = rig.scrape()

@@ -130,6 +130,18 @@ class Rig:
             if r.task_id == task_id and r.path.endswith("/stats")
         )
 
+    async def poll_times(self, task_id: str, count: int) -> list[float]:
+        """Run rounds until ``task_id`` is polled ``count`` more times; the clock at each poll."""
+        times: list[float] = []
+        seen = self.stats_requests(task_id)
+        while len(times) < count:
+            now = self.clock.now
+            await self.round()
+            if self.stats_requests(task_id) > seen:
+                seen = self.stats_requests(task_id)
+                times.append(now)
+        return times
+
 
 def make_rig(
     server: SimServer,
@@ -209,14 +221,7 @@ async def test_permission_errors_back_off_and_reset_after_success(
     """403 polls double their gap up to the cap, and one success restores the normal cadence."""
     rig = make_rig(sim_server, session, (TASK_A,))
     sim_server.sim.push(TASK_A, *[error(403, "DCS.4030", "no permission (illustrative)")] * 9)
-    polled_at: list[float] = []
-    seen = 0
-    while len(polled_at) < 10:
-        now = rig.clock.now
-        await rig.round()
-        if rig.stats_requests(TASK_A) > seen:
-            seen = rig.stats_requests(TASK_A)
-            polled_at.append(now)
+    polled_at = await rig.poll_times(TASK_A, 10)
     gaps = [b - a for a, b in itertools.pairwise(polled_at)]
     assert gaps == [10, 20, 40, 80, 160, 300, 300, 300, 300]
     assert max(gaps) == MAX_BACKOFF_SECONDS
@@ -384,14 +389,7 @@ async def test_backoff_counts_only_the_failures_it_is_for(
     rig = make_rig(sim_server, session, (TASK_A,))
     sim_server.sim.push(TASK_A, *[error(503, "DCS.5000")] * 6)
     sim_server.sim.push(TASK_A, *[error(404, "DCS.4133", "not found (illustrative)")] * 3)
-    polled_at: list[float] = []
-    seen = 0
-    while len(polled_at) < 9:
-        now = rig.clock.now
-        await rig.round()
-        if rig.stats_requests(TASK_A) > seen:
-            seen = rig.stats_requests(TASK_A)
-            polled_at.append(now)
+    polled_at = await rig.poll_times(TASK_A, 9)
     gaps = [b - a for a, b in itertools.pairwise(polled_at)]
     assert gaps == [10, 10, 10, 10, 10, 10, 10, 20]
 
