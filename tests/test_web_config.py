@@ -100,12 +100,15 @@ def _write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-def _tls_yaml(pki: Pki, extra: str = "") -> str:
+def _tls_yaml(
+    pki: Pki, extra: str = "", *, cert: Path | None = None, key: Path | None = None
+) -> str:
+    """A TLS section with the server's certificate and key, or ``cert`` / ``key`` in their place."""
     # JSON strings are YAML strings, which quotes the temporary paths safely.
     return (
         "tls_server_config:\n"
-        f"  cert_file: {json.dumps(str(pki.server_cert))}\n"
-        f"  key_file: {json.dumps(str(pki.server_key))}\n" + extra
+        f"  cert_file: {json.dumps(str(cert or pki.server_cert))}\n"
+        f"  key_file: {json.dumps(str(key or pki.server_key))}\n" + extra
     )
 
 
@@ -241,10 +244,7 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 def test_missing_cert_file_is_named(tmp_path: Path, pki: Pki) -> None:
     """A missing cert_file is an error at load time naming the key and the file."""
     missing = tmp_path / "missing.crt"
-    text = (
-        f"tls_server_config:\n  cert_file: {json.dumps(str(missing))}\n"
-        f"  key_file: {json.dumps(str(pki.server_key))}\n"
-    )
+    text = _tls_yaml(pki, cert=missing)
     with pytest.raises(WebConfigError, match=r"tls_server_config\.cert_file: file not found") as e:
         load_web_config(_write(tmp_path, text))
     assert str(missing) in str(e.value)
@@ -259,20 +259,14 @@ def test_relative_paths_are_relative_to_the_config_file(pki: Pki) -> None:
 
 def test_mismatched_key_is_refused(tmp_path: Path, pki: Pki) -> None:
     """A key that does not belong to the certificate fails at load time, naming key_file."""
-    text = (
-        f"tls_server_config:\n  cert_file: {json.dumps(str(pki.server_cert))}\n"
-        f"  key_file: {json.dumps(str(pki.client_key))}\n"
-    )
+    text = _tls_yaml(pki, key=pki.client_key)
     with pytest.raises(WebConfigError, match=r"tls_server_config\.key_file: "):
         load_web_config(_write(tmp_path, text))
 
 
 def test_certificate_as_key_names_key_file(tmp_path: Path, pki: Pki) -> None:
     """A key_file holding no private key is named as such, not as an opaque OpenSSL error."""
-    text = (
-        f"tls_server_config:\n  cert_file: {json.dumps(str(pki.server_cert))}\n"
-        f"  key_file: {json.dumps(str(pki.server_cert))}\n"
-    )
+    text = _tls_yaml(pki, key=pki.server_cert)
     with pytest.raises(WebConfigError, match=r"tls_server_config\.key_file: no PEM PRIVATE KEY"):
         load_web_config(_write(tmp_path, text))
 
@@ -285,10 +279,7 @@ def test_encrypted_key_is_refused_without_prompting(tmp_path: Path, pki: Pki) ->
         *("pkey", "-in", str(pki.server_key), "-aes256", "-passout", "pass:secret"),
         *("-out", str(encrypted)),
     )
-    text = (
-        f"tls_server_config:\n  cert_file: {json.dumps(str(pki.server_cert))}\n"
-        f"  key_file: {json.dumps(str(encrypted))}\n"
-    )
+    text = _tls_yaml(pki, key=encrypted)
     with pytest.raises(WebConfigError, match=r"key_file: encrypted keys are not supported"):
         load_web_config(_write(tmp_path, text))
 
