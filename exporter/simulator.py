@@ -266,6 +266,11 @@ def _dcs_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
+def _task_not_found() -> web.Response:
+    """DCS's answer for a task id it does not know."""
+    return _dcs_error(400, "DCS.4133", "Instance job is not found.")
+
+
 def _auth_error(detail: str) -> web.Response:
     """The API gateway's answer to bad credentials."""
     return _dcs_error(401, "APIGW.0301", f"Incorrect IAM authentication information: {detail}")
@@ -690,26 +695,26 @@ class Simulator:
             {"count": len(matches), "migration_tasks": [self._list_entry(task) for task in page]}
         )
 
-    async def _task_details(self, request: web.Request) -> web.Response:
-        """``GET /v2/{project_id}/migration-task/{task_id}``, passwords included (FACTS 1b)."""
+    async def _task_request(self, request: web.Request) -> tuple[str, web.Response | None]:
+        """The path's task id (recorded for the request log), and the 401 to send if any."""
         task_id = request.match_info["task_id"]
         request[_EXCHANGE].task_id = task_id
-        if (
-            denied := await self._authenticate(request, request.match_info["project_id"])
-        ) is not None:
+        return task_id, await self._authenticate(request, request.match_info["project_id"])
+
+    async def _task_details(self, request: web.Request) -> web.Response:
+        """``GET /v2/{project_id}/migration-task/{task_id}``, passwords included (FACTS 1b)."""
+        task_id, denied = await self._task_request(request)
+        if denied is not None:
             return denied
         task = self._tasks.get(task_id)
         if task is None:
-            return _dcs_error(400, "DCS.4133", "Instance job is not found.")
+            return _task_not_found()
         return web.json_response(self._details(task))
 
     async def _task_stats(self, request: web.Request) -> web.StreamResponse:
         """``GET /v2/{project_id}/migration-task/{task_id}/stats``: scripts first, then body or model."""
-        task_id = request.match_info["task_id"]
-        request[_EXCHANGE].task_id = task_id
-        if (
-            denied := await self._authenticate(request, request.match_info["project_id"])
-        ) is not None:
+        task_id, denied = await self._task_request(request)
+        if denied is not None:
             return denied
         self._in_flight[task_id] += 1
         self._max_in_flight[task_id] = max(self._max_in_flight[task_id], self._in_flight[task_id])
@@ -719,7 +724,7 @@ class Simulator:
                 return await self._play(request, canned)
             task = self._tasks.get(task_id)
             if task is None:
-                return _dcs_error(400, "DCS.4133", "Instance job is not found.")
+                return _task_not_found()
             if task.source is not None:
                 return web.json_response(dict(await task.source()))
             if task.fixed is not None:
