@@ -370,6 +370,10 @@ class ExpositionCache:
         return None
 
     def _publish(self, openmetrics: bool, rendering: Rendering, build_seconds: float) -> Rendering:
+        newest = self._latest.get(openmetrics)
+        if newest is not None and newest.version > rendering.version:
+            # A one-go build (current()) finished during a sliced one that began earlier.
+            return newest
         self._latest[openmetrics] = rendering
         self._build_seconds[openmetrics] = build_seconds
         self.builds += 1
@@ -409,15 +413,16 @@ class ExpositionCache:
                 return previous, False
             await asyncio.shield(building)
             return self._latest[openmetrics], False
-        building = asyncio.get_running_loop().create_task(self._rebuild(openmetrics, now))
+        # The version now: the build reads the state after this, so it is never newer than it.
+        version = self.state.version
+        building = asyncio.get_running_loop().create_task(self._rebuild(openmetrics, now, version))
         self._building[openmetrics] = building
         # Shielded: a scrape that gives up must not cancel the rebuild others wait for.
         await asyncio.shield(building)
         return self._latest[openmetrics], True
 
-    async def _rebuild(self, openmetrics: bool, now: float) -> None:
+    async def _rebuild(self, openmetrics: bool, now: float, version: int) -> None:
         try:
-            version = self.state.version
             chunks, busy = await self.renderer.render_chunks_async(openmetrics)
             self._publish(openmetrics, Rendering(version, now, chunks), busy)
         finally:

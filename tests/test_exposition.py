@@ -416,3 +416,19 @@ async def test_scrapes_within_a_second_share_the_gzip_bytes() -> None:
     later = await renderer.render_gzip(True)
     assert later is not first
     assert gzip.decompress(later).endswith(b"# EOF\n")
+
+
+async def test_an_older_sliced_build_does_not_replace_a_newer_one() -> None:
+    """A sync rebuild that finishes during a sliced one of an older state stays the latest."""
+    state = sample_state(6)
+    cache = ExpositionCache(state, slice_tasks=1)
+    await cache.fresh(False)
+    state.changed()
+    sliced = asyncio.get_running_loop().create_task(cache.fresh(False))
+    await asyncio.sleep(0)  # the sliced rebuild has begun with the current version
+    state.tasks["task-1"].polls_total = 7
+    state.changed()
+    newer = cache.current(False)
+    served, _ = await sliced
+    assert served is newer
+    assert cache.current(False) is newer
