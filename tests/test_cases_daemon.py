@@ -34,7 +34,9 @@ from tests.test_poller import (
     assert_cadence,
     error,
     make_rig,
+    run_for,
     scrape,
+    stats_times,
 )
 
 GONE = CannedResponse(
@@ -52,13 +54,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP session for the client under test."""
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-def stats_times(server: SimServer, task_id: str) -> list[float]:
-    """Arrival times of the stats requests of one task at the simulator."""
-    return [
-        r.time for r in server.sim.requests if r.task_id == task_id and r.path.endswith("/stats")
-    ]
 
 
 def rss_bytes() -> int:
@@ -138,12 +133,7 @@ async def test_c12_stalled_answers_time_out_without_touching_the_other_task(
                 durations.append(task.last_poll_duration)
             await asyncio.sleep(0.02)
 
-    loop = asyncio.get_running_loop()
-    running, watcher = loop.create_task(poller.run()), loop.create_task(watch())
-    await asyncio.sleep(3.6)
-    running.cancel()
-    watcher.cancel()
-    await poller.stop()
+    await run_for(poller, 3.6, watch())
 
     metrics = scrape(state)
     assert metrics.get("dcs_migration_up", task_id=TASK_A) == 0
@@ -195,12 +185,7 @@ async def test_c13_slow_answers_never_overlap_and_do_not_stall_anything(
                 round_counts.append(sum("_round" in repr(t.get_coro()) for t in tasks))
                 await asyncio.sleep(0.05)
 
-        loop = asyncio.get_running_loop()
-        running, scraper = loop.create_task(poller.run()), loop.create_task(scrape_often())
-        await asyncio.sleep(6.2)
-        running.cancel()
-        scraper.cancel()
-        await poller.stop()
+        await run_for(poller, 6.2, scrape_often())
 
     assert sim_server.sim.max_in_flight(TASK_A) == 1
     a_polls = len(stats_times(sim_server, TASK_A))

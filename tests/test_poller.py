@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,23 @@ def assert_cadence(times: list[float], interval: float, minimum: int) -> None:
     assert len(on_grid) >= 0.8 * len(gaps), gaps
 
 
+def stats_times(server: SimServer, task_id: str) -> list[float]:
+    """Arrival times of the stats requests of one task at the simulator."""
+    return [
+        r.time for r in server.sim.requests if r.task_id == task_id and r.path.endswith("/stats")
+    ]
+
+
+async def run_for(poller: Poller, seconds: float, *alongside: Coroutine[Any, Any, None]) -> None:
+    """Run the poller's real loop (and ``alongside``) for ``seconds``, then cancel and stop it."""
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(poller.run()), *(loop.create_task(c) for c in alongside)]
+    await asyncio.sleep(seconds)
+    for task in tasks:
+        task.cancel()
+    await poller.stop()
+
+
 def scrape(state: ExporterState) -> Scrape:
     """Render the exposition the way /metrics does and parse it."""
     return Scrape(MetricsRenderer(state).render(openmetrics=False).decode())
@@ -124,11 +141,7 @@ class Rig:
         return scrape(self.state)
 
     def stats_requests(self, task_id: str) -> int:
-        return sum(
-            1
-            for r in self.server.sim.requests
-            if r.task_id == task_id and r.path.endswith("/stats")
-        )
+        return len(stats_times(self.server, task_id))
 
     async def poll_times(self, task_id: str, count: int) -> list[float]:
         """Run rounds until ``task_id`` is polled ``count`` more times; the clock at each poll."""
@@ -343,13 +356,8 @@ async def test_run_keeps_a_fixed_grid(
     config = make_config(sim_server.url, interval=0.2, max_requests_per_second=1000.0)
     state = ExporterState()
     poller = Poller(state, make_client(session, config), config.polling, config.tasks)
-    loop = asyncio.get_running_loop().create_task(poller.run())
-    await asyncio.sleep(2.1)
-    loop.cancel()
-    await poller.stop()
-    times = [
-        r.time for r in sim_server.sim.requests if r.task_id == TASK_B and r.path.endswith("/stats")
-    ]
+    await run_for(poller, 2.1)
+    times = stats_times(sim_server, TASK_B)
     assert len(times) <= 11
     assert_cadence(times, 0.2, minimum=9)
     assert state.poll_cycles_total >= 9
