@@ -17,17 +17,15 @@ from typing import Any
 
 import pytest
 
+from exporter.simulator import DEMO_TASKS
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dcs-migration-exporter.json"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 
-DEMO_TASK_IDS = {
-    "31c6fd2b-2893-430b-90ff-d1adb8060585",
-    "5b0d7c1e-6a43-4d1f-9c7e-2f8a1b3c4d5e",
-    "9e8f7a6b-5c4d-4e3f-8a2b-1c0d9e8f7a6b",
-}
+DEMO_TASK_IDS = {task_id for task_id, _ in DEMO_TASKS}
 
 # Queries that may legitimately be empty against the healthy demo, and why. Each must still parse,
 # and every metric it names must exist (checked in tests/deploy/test_dashboard.py).
