@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import bcrypt
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -25,6 +26,7 @@ from exporter.simulator import (
     start,
 )
 from exporter.throttle import Throttle
+from exporter.web_config import WebConfig, load_web_config
 
 TASK_A = "aaaaaaaa-0000-4000-8000-000000000001"
 TASK_B = "aaaaaaaa-0000-4000-8000-000000000002"
@@ -169,3 +171,11 @@ def make_client(session: aiohttp.ClientSession, config: Config) -> DcsClient:
 def basic_auth(user: str, password: str) -> dict[str, str]:
     """An Authorization header for HTTP basic auth."""
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def basic_auth_web_config(directory: Path, user: str, password: str) -> WebConfig:
+    """A web config, loaded from ``directory/web.yml``, with one basic-auth user."""
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()  # cost 4: fast
+    path = directory / "web.yml"
+    path.write_text(f"basic_auth_users:\n  {user}: '{hashed}'\n")
+    return load_web_config(str(path))

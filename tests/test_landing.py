@@ -7,7 +7,6 @@ import json
 import re
 from pathlib import Path
 
-import bcrypt
 import pytest
 from aiohttp import web
 
@@ -17,8 +16,7 @@ from exporter.landing import History, Sample, Trend, full_eta, offset_trend
 from exporter.state import ExporterState, TaskState
 from exporter.stats import StatsRecord
 from exporter.web import create_app
-from exporter.web_config import load_web_config
-from tests.support import TASK_A, TASK_B, Clients, basic_auth
+from tests.support import TASK_A, TASK_B, Clients, basic_auth, basic_auth_web_config
 
 HOSTILE = "<img src=x onerror=alert(1)>\"'&"
 NOW = 1_700_000_100.0
@@ -366,12 +364,8 @@ async def test_app_feed_follows_state_changes(clients: Clients) -> None:
 
 async def test_app_pages_need_the_same_auth_as_metrics(tmp_path: Path, clients: Clients) -> None:
     """With basic auth configured, the page, the feed and the assets all ask for it."""
-    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
-    config_path = tmp_path / "web.yml"
-    config_path.write_text(f"basic_auth_users:\n  alice: '{hashed}'\n")
-    client = await clients(
-        create_app(ExporterState(), web_config=load_web_config(str(config_path)))
-    )
+    web_config = basic_auth_web_config(tmp_path, "alice", "s3cret")
+    client = await clients(create_app(ExporterState(), web_config=web_config))
     good = basic_auth("alice", "s3cret")
     for path in ("/", "/api/v1/tasks", "/static/landing.js", "/metrics"):
         assert (await client.get(path)).status == 401, path

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -21,8 +20,7 @@ from exporter.simulator import CannedResponse
 from exporter.state import ExporterState
 from exporter.status import EtaTracker, StatusError, TaskLine, format_lines, progress_bar
 from exporter.web import create_app
-from exporter.web_config import load_web_config
-from tests.support import TASK_A, TASK_B, SimServer, write_config
+from tests.support import TASK_A, TASK_B, SimServer, basic_auth_web_config, write_config
 from tests.test_landing import polled_task
 
 Servers = Callable[[web.Application], Awaitable[str]]
@@ -293,12 +291,10 @@ async def test_url_source_reads_a_running_exporter(servers: Servers) -> None:
 
 async def test_url_source_with_basic_auth(servers: Servers, tmp_path: Path) -> None:
     """Credentials come from the environment or a password file; without them, a clear error."""
-    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
-    web_config = tmp_path / "web.yml"
-    web_config.write_text(f"basic_auth_users:\n  alice: '{hashed}'\n")
+    web_config = basic_auth_web_config(tmp_path, "alice", "s3cret")
     state = ExporterState()
     state.tasks[TASK_A] = polled_task()
-    url = await servers(create_app(state, web_config=load_web_config(str(web_config))))
+    url = await servers(create_app(state, web_config=web_config))
 
     anonymous = status.make_source(args_for("--url", url), environ={})
     with pytest.raises(StatusError, match="401, credentials missing; set DCS_EXPORTER_USERNAME"):

@@ -7,7 +7,6 @@ import gzip
 import time
 from pathlib import Path
 
-import bcrypt
 import pytest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
@@ -17,8 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.state import ExporterState, TaskState
 from exporter.stats import StatsRecord
 from exporter.web import create_app
-from exporter.web_config import load_web_config
-from tests.support import TASK_A, Clients, basic_auth
+from tests.support import TASK_A, Clients, basic_auth, basic_auth_web_config
 from tests.test_poller import FakeClock
 
 
@@ -151,10 +149,8 @@ async def test_basic_auth_guards_metrics_not_probes(
     tmp_path: Path,
 ) -> None:
     """With --web.config.file basic auth, /metrics and /-/reload need credentials, probes do not."""
-    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
-    path = tmp_path / "web.yml"
-    path.write_text(f"basic_auth_users:\n  prom: '{hashed}'\n")
-    client = await clients(create_app(state, web_config=load_web_config(str(path))))
+    web_config = basic_auth_web_config(tmp_path, "prom", "s3cret")
+    client = await clients(create_app(state, web_config=web_config))
     assert (await client.get("/metrics")).status == 401
     assert (await client.post("/-/reload")).status == 401
     assert (await client.get("/healthz")).status in (200, 503)
