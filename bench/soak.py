@@ -329,7 +329,7 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.sleep(2.0)  # a few clean rounds: the connection pool settles
             return await scrape()
 
-        def sample() -> tuple[int, int]:
+        def resources() -> tuple[int, int]:
             """RSS (KiB) and open fds of the daemon, the fds as the median of five readings."""
             fds = sorted(open_fds(daemon.proc.pid) for _ in range(5))
             return rss_kib(daemon.proc.pid), fds[2]
@@ -342,7 +342,7 @@ async def run(args: argparse.Namespace) -> int:
             while totals.total_polls < min(2000, args.polls // 10):
                 await asyncio.sleep(0.5)
             await quiesce()
-            rss_start, fds_start = sample()
+            rss_start, fds_start = resources()
             pid_start = daemon.proc.pid
             faults_on.set()
             print(f"warm: {totals.total_polls} polls, RSS {rss_start} KiB, {fds_start} fds")
@@ -374,7 +374,7 @@ async def run(args: argparse.Namespace) -> int:
 
             # Quiesce as for the start sample, then measure.
             text = await quiesce()
-            rss_end, fds_end = sample()
+            rss_end, fds_end = resources()
         finally:
             for loop in loops:
                 loop.cancel()
@@ -395,11 +395,11 @@ async def run(args: argparse.Namespace) -> int:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             total_series += 1
-            tid = sample.labels.get("task_id")
-            if tid is None:
+            owner = sample.labels.get("task_id")
+            if owner is None:
                 continue
-            if tid not in live:
-                stray.append(f"{sample.name}{{task_id={tid}}}")
+            if owner not in live:
+                stray.append(f"{sample.name}{{task_id={owner}}}")
             elif sample.name in ERROR_FAMILIES:
                 errors += 1
             else:

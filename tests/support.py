@@ -74,7 +74,7 @@ DOC_EXAMPLE_BODY: dict[str, Any] = {
     "is_migrating": True,
 }
 
-Clients = Callable[[web.Application], Awaitable[TestClient]]
+Clients = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 """The ``clients`` fixture: start a test client for an app (closed at the end of the test)."""
 
 
