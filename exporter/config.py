@@ -57,7 +57,12 @@ _SECTION_KEYS: dict[str, frozenset[str]] = {
     "tasks[]": frozenset({"id", "name"}),
     "discovery": frozenset({"interval", "name_regex", "status", "migration_type"}),
 }
-_TOP_KEYS = frozenset({"cloud", "auth", "polling", "tasks", "discovery"})
+_TOP_KEYS = frozenset({"cloud", "auth", "polling", "tasks", "discovery", "targets"})
+# The keys of one entry of ``targets``: a name, then the per-project sections of the top level.
+_TARGET_KEYS = frozenset({"name", "cloud", "auth", "tasks", "discovery"})
+_PER_TARGET_SECTIONS = ("cloud", "auth", "tasks", "discovery")
+# The name of the one target of a file without ``targets:`` (shown in logs and labels).
+DEFAULT_TARGET_NAME = "default"
 
 
 def _elsewhere(section: str) -> dict[str, str]:
@@ -158,14 +163,43 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class Target:
+    """One project (in one region) with its credentials and tasks: an entry of ``targets``."""
+
+    name: str  # unique; in logs, and the ``target`` label of per-target exporter metrics
+    cloud: CloudConfig
+    auth: Auth
+    tasks: tuple[TaskConfig, ...]
+    discovery: DiscoveryConfig | None = None  # None: only the listed tasks
+
+
+@dataclass(frozen=True)
 class Config:
-    """The whole, validated configuration."""
+    """The whole, validated configuration.
+
+    ``cloud``, ``auth``, ``tasks``, ``discovery`` and ``name`` are the first target: the only one
+    of a file without ``targets:``. ``more_targets`` are the entries after the first; every
+    multi-target consumer reads ``targets``, which is all of them in file order.
+    """
 
     cloud: CloudConfig
     auth: Auth
     polling: PollingConfig
     tasks: tuple[TaskConfig, ...]
     discovery: DiscoveryConfig | None = None  # None: only the listed tasks
+    name: str = DEFAULT_TARGET_NAME
+    more_targets: tuple[Target, ...] = ()
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        """Every target, the first one built from the top-level fields."""
+        first = Target(self.name, self.cloud, self.auth, self.tasks, self.discovery)
+        return (first, *self.more_targets)
+
+    @property
+    def all_tasks(self) -> tuple[TaskConfig, ...]:
+        """The configured tasks of every target (IDs are unique across targets)."""
+        return tuple(task for target in self.targets for task in target.tasks)
 
 
 def parse_duration(text: str) -> float | None:
@@ -204,9 +238,56 @@ def parse_config(text: str, filename: str = "config.yaml") -> Config:
     sections = mapping_items(root, "", _TOP_KEYS, problems, elsewhere=_elsewhere(""))
     if sections is None:
         raise ConfigError(filename, problems.items)
-    cloud = _read_cloud(sections.get("cloud"), root, problems)
-    auth = _read_auth(sections.get("auth"), root, problems)
     polling = _read_polling(sections.get("polling"), problems)
+    targets: list[Target | None]
+    if "targets" in sections:
+        targets = _read_targets(sections, root, problems)
+    else:
+        targets = [_read_target(DEFAULT_TARGET_NAME, sections, root, problems, taken={})]
+    if problems.items or polling is None or not targets or None in targets:
+        if not problems.items:  # a reader gave up without saying why: still never an empty error
+            problems.add("", root, "invalid configuration")
+        raise ConfigError(filename, problems.items)
+    first, *more = (target for target in targets if target is not None)
+    return Config(
+        cloud=first.cloud,
+        auth=first.auth,
+        polling=polling,
+        tasks=first.tasks,
+        discovery=first.discovery,
+        name=first.name,
+        more_targets=tuple(more),
+    )
+
+
+class _Prefixed(Problems):
+    """Problems whose paths are put under a prefix (``targets[1].``), collected into ``outer``."""
+
+    def __init__(self, outer: Problems, prefix: str) -> None:
+        super().__init__()
+        self.items = outer.items  # shared: readers compare its length before and after
+        self._prefix = prefix
+
+    def add(self, path: str, node: Node | None, message: str) -> None:
+        """Record a problem with the prefix in front of its path."""
+        super().add(f"{self._prefix}.{path}" if path else self._prefix, node, message)
+
+
+def _read_target(
+    name: str,
+    sections: dict[str, Node],
+    parent: Node,
+    problems: Problems,
+    taken: dict[str, tuple[str, int]],
+    path: str = "",
+) -> Target | None:
+    """Read the per-project sections of the top level, or of the entry of ``targets`` at ``path``.
+
+    ``taken`` maps task IDs (lowercase) already read in earlier targets to where they were, so
+    that a task listed under two targets is refused with both places named.
+    """
+    cloud = _read_cloud(sections.get("cloud"), parent, problems)
+    auth = _read_auth(sections.get("auth"), parent, problems)
     discovery_node = sections.get("discovery")
     discovery = _read_discovery(discovery_node, problems) if discovery_node is not None else None
     tasks_node = sections.get("tasks")
@@ -214,12 +295,72 @@ def parse_config(text: str, filename: str = "config.yaml") -> Config:
     if discovery_node is not None and _no_tasks(tasks_node):
         tasks = ()  # discovery alone may supply every task
     else:
-        tasks = _read_tasks(tasks_node, root, problems)
-    if problems.items or cloud is None or auth is None or polling is None or tasks is None:
-        if not problems.items:  # a reader gave up without saying why: still never an empty error
-            problems.add("", root, "invalid configuration")
-        raise ConfigError(filename, problems.items)
-    return Config(cloud=cloud, auth=auth, polling=polling, tasks=tasks, discovery=discovery)
+        where = f"{path}.tasks" if path else "tasks"
+        tasks = _read_tasks(tasks_node, parent, problems, taken, where)
+    if cloud is None or auth is None or tasks is None:
+        return None
+    return Target(name=name, cloud=cloud, auth=auth, tasks=tasks, discovery=discovery)
+
+
+def _read_targets(sections: dict[str, Node], root: Node, problems: Problems) -> list[Target | None]:
+    """Read the ``targets`` list: named entries with their own cloud, auth, tasks and discovery."""
+    node = sections["targets"]
+    targets_key = _key_node(root, "targets")
+    targets_line = (targets_key or node).start_mark.line + 1
+    for key in _PER_TARGET_SECTIONS:
+        if key in sections:
+            problems.add(
+                key,
+                _key_node(root, key),
+                f"cannot be used together with targets (line {targets_line}); "
+                f"put {key} inside each entry of targets",
+            )
+    if is_null(node) or (isinstance(node, SequenceNode) and not node.value):
+        problems.add("targets", node, "must be a non-empty list of targets (each with a name)")
+        return []
+    targets: list[Target | None] = []
+    names: dict[str, int] = {}
+    taken: dict[str, tuple[str, int]] = {}
+    for path, item in sequence_items(node, "targets", problems):
+        if is_null(item):
+            problems.add(path, item, "is empty; each target needs a name, cloud and auth")
+            targets.append(None)
+            continue
+        items = mapping_items(
+            item,
+            path,
+            _TARGET_KEYS,
+            problems,
+            elsewhere={"polling": "the top level; polling is shared by all targets"},
+        )
+        if items is None:
+            targets.append(None)
+            continue
+        name = _required_string(items, "name", item, f"{path}.name", problems)
+        if name is not None:
+            name_line = items["name"].start_mark.line + 1
+            if name in names:
+                problems.add(
+                    f"{path}.name",
+                    items["name"],
+                    f"duplicate target name {name!r} (first on line {names[name]}); "
+                    "names must be unique",
+                )
+                name = None
+            else:
+                names[name] = name_line
+        target = _read_target(name or "", items, item, _Prefixed(problems, path), taken, path)
+        targets.append(target if name is not None else None)
+    return targets
+
+
+def _key_node(mapping: Node, key: str) -> Node | None:
+    """The key node of ``key`` in a mapping node (to point at the key rather than its value)."""
+    if isinstance(mapping, MappingNode):
+        for key_node, _ in mapping.value:
+            if str(key_node.value) == key:
+                return key_node  # type: ignore[no-any-return]
+    return None
 
 
 def _no_tasks(node: Node | None) -> bool:
@@ -534,12 +675,20 @@ def _read_polling(node: Node | None, problems: Problems) -> PollingConfig | None
     return PollingConfig(**values)  # type: ignore[arg-type]
 
 
-def _read_tasks(node: Node | None, root: Node, problems: Problems) -> tuple[TaskConfig, ...] | None:
+def _read_tasks(
+    node: Node | None,
+    root: Node,
+    problems: Problems,
+    taken: dict[str, tuple[str, int]] | None = None,
+    where: str = "tasks",
+) -> tuple[TaskConfig, ...] | None:
     """Read the non-empty task list; IDs must be unique quoted strings.
 
     A repeated ID is an error rather than collapsed: the two entries may carry different names,
     and silently keeping one would hide a copy-paste mistake (often a task that was meant to be
-    added is missing). IDs are compared ignoring case, as UUIDs are.
+    added is missing). IDs are compared ignoring case, as UUIDs are. ``taken`` holds the IDs of
+    earlier targets (their list's path and the line, by lowercase ID); this list's IDs, at
+    ``where``, are added to it.
     """
     empty_message = "must be a non-empty list of tasks (each with an id)"
     if node is None or is_null(node):
@@ -576,8 +725,19 @@ def _read_tasks(node: Node | None, root: Node, problems: Problems) -> tuple[Task
                 "list each task once",
             )
             continue
+        if taken is not None and key in taken:
+            other_path, other_line = taken[key]
+            problems.add(
+                f"{path}.id",
+                id_node,
+                f"duplicate task ID {task_id!r}, also under {other_path} (line {other_line}); "
+                "a task belongs to one target",
+            )
+            continue
         first_seen[key] = line
         tasks.append(TaskConfig(id=task_id, name=name))
     if isinstance(node, SequenceNode) and only_empty_items:
         problems.add("tasks", node, empty_message)
+    if taken is not None:
+        taken.update((key, (where, line)) for key, line in first_seen.items())
     return tuple(tasks)
