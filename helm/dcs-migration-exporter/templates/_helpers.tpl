@@ -97,3 +97,8 @@ security_token_file: {{ printf "%s/security_token" $dir }}
 {{- $_ := set $config "auth" (include "dcs-migration-exporter.configAuth" . | fromYaml) -}}
 {{ toYaml $config }}
 {{- end }}
+
+{{/* The headless Service that governs the StatefulSet (sharding.enabled). */}}
+{{- define "dcs-migration-exporter.headlessServiceName" -}}
+{{- printf "%s-headless" (include "dcs-migration-exporter.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
