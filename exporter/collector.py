@@ -172,15 +172,18 @@ class DcsCollector(Collector):
         )
         yield CounterMetricFamily(
             "dcs_migration_token_refreshes",
-            "IAM token requests.",
+            "IAM token requests, summed over every target's client.",
             value=state.token_refreshes_total,
         )
-        if state.clock_skew_seconds is not None:
-            yield GaugeMetricFamily(
+        if state.clock_skew_seconds:
+            skew = GaugeMetricFamily(
                 "dcs_migration_clock_skew_seconds",
                 "API server Date minus the local clock, measured when a signature was rejected.",
-                value=state.clock_skew_seconds,
+                labels=["target"],
             )
+            for target, seconds in sorted(state.clock_skew_seconds.items()):
+                skew.add_metric([target], seconds)
+            yield skew
         yield GaugeMetricFamily(
             "dcs_migration_config_last_reload_successful",
             "1 if the last configuration load succeeded.",

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from exporter.client import ApiError, DcsClient, ErrorKind
-from exporter.config import PollingConfig, TaskConfig
+from exporter.config import DEFAULT_TARGET_NAME, PollingConfig, TaskConfig
 from exporter.state import ExporterState, TaskState
 from exporter.stats import StatsRecord, UnexpectedShape, parse_stats
 
@@ -39,7 +39,10 @@ _DUE_SLACK = 0.1
 
 
 class Poller:
-    """Schedules and runs the polls of one project's tasks."""
+    """Schedules and runs the polls of one project's tasks (one target of the config).
+
+    Several pollers may share one state, one per target; each owns only its own tasks.
+    """
 
     def __init__(
         self,
@@ -52,9 +55,14 @@ class Poller:
         wall: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        target: str = DEFAULT_TARGET_NAME,
+        owned: Iterable[str] | None = None,
     ) -> None:
         self.state = state
         self.client = client
+        self.target = target
+        # The client's token fetches already added to state.token_refreshes_total.
+        self._token_fetches_counted = 0
         self.polling = polling
         self._monotonic = monotonic
         self._wall = wall
@@ -66,9 +74,14 @@ class Poller:
         self._details_due: dict[str, float] = {}
         self._overrun_logged: set[str] = set()
         self._running: set[asyncio.Task[None]] = set()
-        # Tasks already in the state (a reload that replaced the poller) are this poller's to keep
-        # or drop: a task missing from the new list must lose its series here too.
-        self._task_ids: list[str] = list(state.tasks)
+        # The tasks of the poller this one replaces (a reload), by default every task already in
+        # the state, are this poller's to keep or drop: one missing from the new list must lose
+        # its series here too. Other targets' pollers pass their own.
+        self._task_ids: list[str] = [
+            task_id
+            for task_id in (state.tasks if owned is None else owned)
+            if task_id in state.tasks
+        ]
         self.set_tasks(tasks)
 
     # ---- task set ---------------------------------------------------------------------------
@@ -160,8 +173,14 @@ class Poller:
 
     def _expire_stale(self, now: float) -> None:
         """Drop the values of failing tasks once they are too old, even while no poll ends."""
-        for task in self.state.tasks.values():
-            if task.record is not None and not task.up and self._is_stale(task, now):
+        for task_id in self._task_ids:
+            task = self.state.tasks.get(task_id)
+            if (
+                task is not None
+                and task.record is not None
+                and not task.up
+                and self._is_stale(task, now)
+            ):
                 log.info("task %s: dropping its last values, they are too old", task.task_id)
                 task.record = None
                 self.state.changed()
@@ -183,10 +202,25 @@ class Poller:
         finally:
             # Per task, not per round: a slow task must not hold back the others' next polls.
             self._busy.discard(task.task_id)
-            fetches, skew = self.client.token_fetches, self.client.clock_skew
-            if (fetches, skew) != (self.state.token_refreshes_total, self.state.clock_skew_seconds):
-                self.state.token_refreshes_total, self.state.clock_skew_seconds = fetches, skew
-                self.state.changed()
+            self.record_client_health()
+
+    def record_client_health(self) -> None:
+        """Add the client's new token fetches to the state's sum, and note its clock skew.
+
+        The state's counter is a sum over every target's client and never goes back, also when a
+        reload replaces a client (whose own count starts again at 0).
+        """
+        fetches, skew = self.client.token_fetches, self.client.clock_skew
+        changed = False
+        if fetches > self._token_fetches_counted:
+            self.state.token_refreshes_total += fetches - self._token_fetches_counted
+            changed = True
+        self._token_fetches_counted = max(self._token_fetches_counted, fetches)
+        if skew is not None and self.state.clock_skew_seconds.get(self.target) != skew:
+            self.state.clock_skew_seconds[self.target] = skew
+            changed = True
+        if changed:
+            self.state.changed()
 
     # ---- one poll ---------------------------------------------------------------------------
 

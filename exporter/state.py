@@ -58,8 +58,8 @@ class ExporterState:
     version: int = 0
     poll_cycles_total: int = 0
     last_cycle_end_monotonic: float | None = None
-    token_refreshes_total: int = 0
-    clock_skew_seconds: float | None = None
+    token_refreshes_total: int = 0  # summed over every client, also those replaced by a reload
+    clock_skew_seconds: dict[str, float] = field(default_factory=dict)  # by target, once measured
     config_reload_ok: bool = True
     config_reload_failures_total: int = 0
     discovery_enabled: bool = False  # the config has a discovery section (exporter.discovery)

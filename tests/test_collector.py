@@ -200,12 +200,14 @@ def test_error_code_label_is_capped() -> None:
 
 
 def test_clock_skew_only_once_measured() -> None:
-    """The skew gauge is absent until a rejected signature measured it."""
+    """The skew gauge is absent until a rejected signature measured it, then one per target."""
     state = ExporterState()
-    assert "dcs_migration_clock_skew_seconds " not in render(state)
-    state.clock_skew_seconds = 1200.0
+    assert "dcs_migration_clock_skew_seconds" not in render(state)
+    state.clock_skew_seconds["de"] = 1200.0
+    state.clock_skew_seconds["nl"] = -3.0
     got = samples(render(state))
-    assert got[("dcs_migration_clock_skew_seconds", ())] == 1200.0
+    assert got[("dcs_migration_clock_skew_seconds", (("target", "de"),))] == 1200.0
+    assert got[("dcs_migration_clock_skew_seconds", (("target", "nl"),))] == -3.0
 
 
 def test_exporter_families_are_always_present() -> None:

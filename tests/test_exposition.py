@@ -68,7 +68,7 @@ def exporter_states(draw: st.DrawFn) -> ExporterState:
     for task_id in draw(st.lists(label_text.filter(bool), unique=True, max_size=4)):
         state.tasks[task_id] = draw(task_states(task_id))
     state.poll_cycles_total = draw(st.integers(0, 10**6))
-    state.clock_skew_seconds = draw(st.none() | st.floats(-1e4, 1e4))
+    state.clock_skew_seconds = draw(st.dictionaries(label_text, st.floats(-1e4, 1e4), max_size=2))
     state.config_reload_ok = draw(st.booleans())
     return state
 
@@ -372,7 +372,7 @@ def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
     task.details = TaskDetails(
         "task-1", "orders", "MIGRATING", "online_migration", "full", "a", "b"
     )
-    state.clock_skew_seconds = 1.5
+    state.clock_skew_seconds = {"default": 1.5}
     body = ExpositionRenderer(state).render(False)
     result = subprocess.run(
         [promtool, "check", "metrics"], input=body, capture_output=True, check=False
