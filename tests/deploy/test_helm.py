@@ -2,7 +2,8 @@
 
 Values files: the defaults, ``ci/kube-prometheus-stack-values.yaml`` (ServiceMonitor, rules and
 dashboard next to kube-prometheus-stack in namespace monitoring, CASES C32),
-``ci/existing-secret-values.yaml`` and ``ci/password-values.yaml``.
+``ci/existing-secret-values.yaml``, ``ci/password-values.yaml`` and ``ci/sharded-values.yaml``
+(a StatefulSet of 4 pods, one shard each, docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
+from exporter.cli import build_parser
+from exporter.sharding import Shard, parse_shard
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "dcs-migration-exporter"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -34,7 +38,12 @@ VALUES_FILES = {
     "kube-prometheus-stack": CHART / "ci" / "kube-prometheus-stack-values.yaml",
     "existing-secret": CHART / "ci" / "existing-secret-values.yaml",
     "password": CHART / "ci" / "password-values.yaml",
+    "sharded": CHART / "ci" / "sharded-values.yaml",
 }
+SHARDED_REPLICAS = 4
+# The commit before the chart's sharding mode: with sharding disabled, the chart renders exactly
+# what it rendered there. When a later change alters the default render on purpose, move this.
+UNSHARDED_BASE = "00060f582cc5a4d3212c60099387c0a725596154"
 
 Docs = list[dict[str, Any]]
 
@@ -123,7 +132,8 @@ def test_kubernetes_validate_strict(
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "passed for resource deployment/" + FULLNAME in result.stdout + result.stderr
+    workload = "statefulset" if values == "sharded" else "deployment"
+    assert f"passed for resource {workload}/{FULLNAME}" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("values", sorted(VALUES_FILES))
@@ -495,3 +505,290 @@ def test_schema_rejects_bad_values(
     assert result.returncode == 1
     assert "values don't meet the specifications of the schema" in result.stderr
     assert mentions in result.stderr
+
+
+# ---- sharding: a StatefulSet, one shard per pod (docs/SCALING.md) --------------------------------
+
+
+def _render_text(
+    helm: Callable[..., subprocess.CompletedProcess[str]], chart: Path, values: str, *extra: str
+) -> str:
+    args = ["template", RELEASE, str(chart), "-n", NAMESPACE]
+    if VALUES_FILES[values] is not None:
+        args += ["-f", str(VALUES_FILES[values])]
+    result = helm(*args, *extra)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _chart_at(commit: str, tool: Callable[[str], str], tmp_path: Path) -> Path:
+    """The chart as it was at ``commit``, its files read from git into tmp_path."""
+    git = tool("git")
+    listing = subprocess.run(
+        [
+            git,
+            "-C",
+            str(ROOT),
+            "ls-tree",
+            "-r",
+            "--name-only",
+            commit,
+            "helm/dcs-migration-exporter",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if listing.returncode != 0:
+        message = f"commit {commit} is not in this clone: {listing.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    for name in listing.stdout.splitlines():
+        blob = subprocess.run(
+            [git, "-C", str(ROOT), "show", f"{commit}:{name}"], capture_output=True, check=True
+        )
+        target = tmp_path / "base" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(blob.stdout)
+    return tmp_path / "base" / "helm" / "dcs-migration-exporter"
+
+
+@pytest.mark.parametrize("values", sorted(v for v in VALUES_FILES if v != "sharded"))
+def test_unsharded_render_is_byte_identical_to_before_sharding(
+    values: str,
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+    tool: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """With sharding disabled (the default), the output is exactly that of the chart before it."""
+    base_chart = _chart_at(UNSHARDED_BASE, tool, tmp_path)
+    before = _render_text(helm, base_chart, values)
+    assert _render_text(helm, CHART, values) == before
+    assert _render_text(helm, CHART, values, "--set", "sharding.enabled=false") == before
+    # Every optional object, several replicas and extra args: still the same bytes.
+    everything = ["--set", "serviceMonitor.enabled=true,prometheusRule.enabled=true"]
+    everything += ["--set", "dashboard.enabled=true,replicaCount=2,extraArgs={--once}"]
+    assert _render_text(helm, CHART, values, *everything) == _render_text(
+        helm, base_chart, values, *everything
+    )
+
+
+def _pod_template(workload: dict[str, Any]) -> dict[str, Any]:
+    template: dict[str, Any] = workload["spec"]["template"]
+    return template
+
+
+def _shard_values(args: list[str]) -> list[str]:
+    """The values of every --shard in a container's args (``--shard=X`` or ``--shard X``)."""
+    found = [a.split("=", 1)[1] for a in args if a.startswith("--shard=")]
+    found += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--shard"]
+    return found
+
+
+def test_sharded_renders_a_statefulset_instead_of_the_deployment(
+    render: Callable[..., Docs],
+) -> None:
+    """N pods, Parallel, a headless governing Service, and no Deployment."""
+    docs = render("sharded")
+    assert not [d for d in docs if d["kind"] == "Deployment"]
+    sts = one(docs, "StatefulSet", FULLNAME)
+    assert sts["apiVersion"] == "apps/v1"
+    assert sts["metadata"]["namespace"] == NAMESPACE
+    assert sts["spec"]["replicas"] == SHARDED_REPLICAS
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert "volumeClaimTemplates" not in sts["spec"]
+    headless = one(docs, "Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    labels = _pod_template(sts)["metadata"]["labels"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert sorted(d["kind"] for d in docs) == [
+        "ConfigMap",
+        "PrometheusRule",
+        "Secret",
+        "Service",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+        "StatefulSet",
+    ]
+
+
+@pytest.mark.parametrize("replicas", [1, 3, 7])
+def test_sharded_pods_run_shard_auto_with_the_replica_count(
+    replicas: int, render: Callable[..., Docs]
+) -> None:
+    """Each pod gets exactly one --shard auto/N, N being the StatefulSet's replicas."""
+    docs = render("sharded", "--set", f"sharding.replicas={replicas}")
+    sts = one(docs, "StatefulSet")
+    assert sts["spec"]["replicas"] == replicas
+    (exporter,) = _pod_template(sts)["spec"]["containers"]
+    assert f"--shard=auto/{replicas}" in exporter["args"]
+    assert _shard_values(exporter["args"]) == [f"auto/{replicas}"]
+
+
+def test_sharded_pod_template_is_the_deployments_plus_the_shard_flag(
+    render: Callable[..., Docs],
+) -> None:
+    """Same pod as the Deployment: security contexts, probes, checksums, env, volumes; only args differ."""
+    sharded = _pod_template(one(render("sharded"), "StatefulSet"))
+    plain = _pod_template(one(render("sharded", "--set", "sharding.enabled=false"), "Deployment"))
+    (exporter,) = sharded["spec"]["containers"]
+    (plain_exporter,) = plain["spec"]["containers"]
+    assert exporter["args"] == [*plain_exporter["args"], f"--shard=auto/{SHARDED_REPLICAS}"]
+    assert {**exporter, "args": None} == {**plain_exporter, "args": None}
+    assert {**sharded["spec"], "containers": None} == {**plain["spec"], "containers": None}
+    assert sharded["metadata"] == plain["metadata"]
+    assert set(sharded["metadata"]["annotations"]) == {"checksum/config", "checksum/secret"}
+    assert exporter["securityContext"]["readOnlyRootFilesystem"] is True
+    assert exporter["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert sharded["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert sharded["spec"]["automountServiceAccountToken"] is False
+    assert exporter["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert exporter["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert {v["name"] for v in sharded["spec"]["volumes"]} == {"config", "credentials", "tmp"}
+
+
+def test_sharded_extra_args_come_after_the_shard_flag(render: Callable[..., Docs]) -> None:
+    """extraArgs still reach the container, after the chart's own flags."""
+    sts = one(render("sharded", "--set", "extraArgs={--log.level=debug}"), "StatefulSet")
+    (exporter,) = _pod_template(sts)["spec"]["containers"]
+    assert exporter["args"][-2:] == [f"--shard=auto/{SHARDED_REPLICAS}", "--log.level=debug"]
+
+
+def test_sharded_service_monitor_selects_the_scrape_service_only(
+    render: Callable[..., Docs],
+) -> None:
+    """The ServiceMonitor matches the metrics Service, which selects every pod; not the headless one."""
+    docs = render("sharded")
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    match = monitor["spec"]["selector"]["matchLabels"]
+    services = [d for d in docs if d["kind"] == "Service"]
+    selected = [s for s in services if match.items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in selected] == [FULLNAME]
+    scrape = selected[0]
+    assert "clusterIP" not in scrape["spec"]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert "metrics" in {p["name"] for p in scrape["spec"]["ports"]}
+    # Every pod of the StatefulSet is an endpoint of the scrape Service, so each is its own target.
+    pod = _pod_template(one(docs, "StatefulSet"))
+    assert scrape["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert {"name": "metrics", "containerPort": 9713, "protocol": "TCP"} in pod["spec"][
+        "containers"
+    ][0]["ports"]
+    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"
+    assert scrape["metadata"]["labels"]["app.kubernetes.io/name"] == "dcs-migration-exporter"
+
+
+@pytest.mark.parametrize(
+    ("extra", "pod_prefix"),
+    [
+        ((), FULLNAME),
+        (("--set", "fullnameOverride=dcs-exporter-7"), "dcs-exporter-7"),
+    ],
+)
+def test_sharded_pod_names_give_one_shard_each(
+    extra: tuple[str, ...], pod_prefix: str, render: Callable[..., Docs]
+) -> None:
+    """The pod names rel-dcs-migration-exporter-0..N-1 map to shards 0..N-1 of N; pod N is refused."""
+    sts = one(render("sharded", *extra), "StatefulSet")
+    assert sts["metadata"]["name"] == pod_prefix
+    (exporter,) = _pod_template(sts)["spec"]["containers"]
+    (shard,) = _shard_values(exporter["args"])
+    pods = [f"{pod_prefix}-{ordinal}" for ordinal in range(sts["spec"]["replicas"])]
+    assert [parse_shard(shard, pod) for pod in pods] == [
+        Shard(ordinal, SHARDED_REPLICAS) for ordinal in range(SHARDED_REPLICAS)
+    ]
+    with pytest.raises(ValueError, match="only 4"):
+        parse_shard(shard, f"{pod_prefix}-{SHARDED_REPLICAS}")
+
+
+def test_sharded_args_parse_with_the_real_cli(
+    render: Callable[..., Docs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rendered args, in pod rel-dcs-migration-exporter-2 (HOSTNAME), give --shard 2/4."""
+    sts = one(render("sharded"), "StatefulSet")
+    (exporter,) = _pod_template(sts)["spec"]["containers"]
+    monkeypatch.setenv("HOSTNAME", f"{FULLNAME}-2")
+    args = build_parser().parse_args(exporter["args"])
+    assert args.shard == Shard(2, SHARDED_REPLICAS)
+    assert args.config_file == "/etc/dcs-migration-exporter/config.yaml"
+
+
+def test_sharded_config_passes_config_check(render: Callable[..., Docs], tmp_path: Path) -> None:
+    """The sharded values give a config the exporter accepts (every pod gets the same config)."""
+    docs = render("sharded")
+    secret = one(docs, "Secret")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    sts = one(docs, "StatefulSet")
+    as_deployment = [{**sts, "kind": "Deployment"}, *(d for d in docs if d is not sts)]
+    assert "OK, 3 tasks" in _check_config_like_the_pod(as_deployment, data, tmp_path)
+
+
+def test_sharded_name_too_long_for_a_statefulset_is_refused(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """Pod labels hold <StatefulSet name>-<hash>: names over 52 characters fail at render time."""
+    args = ["template", RELEASE, str(CHART), "-n", NAMESPACE, "--set", "sharding.enabled=true"]
+    ok = helm(*args, "--set", "fullnameOverride=" + "a" * 52)
+    assert ok.returncode == 0, ok.stderr
+    long = helm(*args, "--set", "fullnameOverride=" + "a" * 53)
+    assert long.returncode == 1
+    assert "longer than 52 characters" in long.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "mentions"),
+    [
+        (["--set", "sharding.replicas=0"], "sharding.replicas"),
+        (["--set", "sharding.replicas=-2"], "sharding.replicas"),
+        (["--set-string", "sharding.replicas=3"], "sharding.replicas"),
+        (["--set", "sharding.enabled=yes please"], "sharding.enabled"),
+        (["--set", "sharding.replica=3"], "replica"),
+    ],
+)
+def test_schema_rejects_bad_sharding_values(
+    args: list[str], mentions: str, helm: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    """sharding.replicas must be an integer of at least 1; sharding has no other keys."""
+    result = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, *args)
+    assert result.returncode == 1
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert mentions in result.stderr
+
+
+def _notes(
+    helm: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, *extra: str
+) -> str:
+    """NOTES.txt rendered through a copy of the chart (see test_notes_explain_the_release_label)."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes.txt")
+    (chart / "templates" / "notes-rendered.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: |\n"
+        '{{ tpl (.Files.Get "notes.txt") . | indent 4 }}\n'
+    )
+    result = helm(
+        "template", RELEASE, str(chart), "-n", NAMESPACE, *extra,
+        "--show-only", "templates/notes-rendered.yaml",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    notes: str = yaml.safe_load(result.stdout)["data"]["notes"]
+    return notes
+
+
+def test_notes_describe_the_shard_mode(
+    helm: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """NOTES.txt names the StatefulSet, its --shard auto/N and how to reach one shard's pod."""
+    notes = _notes(helm, tmp_path, "-f", str(VALUES_FILES["sharded"]))
+    assert f"Sharded: StatefulSet {FULLNAME} with 4 pods" in notes
+    assert "--shard auto/4" in notes
+    assert f"port-forward pod/{FULLNAME}-K 9713:9713" in notes
+    assert "WARNING: replicaCount" not in notes
+    plain = _notes(helm, tmp_path / "plain", "--set", "replicaCount=2")
+    assert "Sharded" not in plain
+    assert "WARNING: replicaCount is 2, so every replica polls every task" in plain
+    assert "replicaCount" not in _notes(helm, tmp_path / "one")
