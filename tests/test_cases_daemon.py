@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import random
+import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -196,8 +197,10 @@ async def test_c13_slow_answers_never_overlap_and_do_not_stall_anything(
     assert a_polls - 1 <= len(overruns) <= a_polls
     assert not any(TASK_B in r.getMessage() for r in caplog.records)
     assert max(latencies) < 1.0
+    # Bounded, not growing: a pile-up would add a task per round (about 4 per third of the run),
+    # while scrapes, executor jobs and the simulator's handlers come and go around the median.
     third = len(task_counts) // 3
-    assert max(task_counts[-third:]) <= max(task_counts[:third]) + 1
+    assert statistics.median(task_counts[-third:]) <= statistics.median(task_counts[:third]) + 2
     assert max(round_counts) <= 2  # the slow round, and a fast one now and then
     b_times = stats_times(sim_server, TASK_B)
     assert_cadence(b_times, 0.5, minimum=11)
