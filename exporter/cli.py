@@ -23,6 +23,7 @@ from exporter.config import (
 from exporter.daemon import Daemon, build_poller, open_session
 from exporter.discovery import merge, select
 from exporter.logs import LEVELS, setup_logging
+from exporter.poller import Poller
 from exporter.sharding import Shard, parse_shard
 from exporter.state import ExporterState
 from exporter.web import MetricsRenderer
@@ -133,22 +134,32 @@ def demo_config(base_url: str, task_ids: Sequence[tuple[str, str]]) -> Config:
 
 
 async def run_once(config: Config, shard: Shard | None = None) -> int:
-    """Poll every task (configured or discovered, of the shard) once and print the exposition."""
+    """Poll every task (configured or discovered, of the shard) of every target once and print
+    the exposition; 1 if a poll or a target's listing failed."""
     state = ExporterState()
+    ok = True
     async with open_session(config) as session:
-        poller = build_poller(config, session, state, ())
-        tasks = config.tasks
-        if config.discovery is not None:
-            try:
-                found = select(await poller.client.list_tasks(), config.discovery)
-            except ApiError as error:
-                log.error("discovery: listing the tasks failed: %s", error)
-                return 1
-            tasks = merge(tasks, found)
-        poller.set_tasks(shard.select(tasks) if shard is not None else tasks)
-        ok = await poller.poll_all_once()
+        pollers: list[Poller] = []
+        for target in config.targets:
+            poller = build_poller(config, session, state, (), target=target, owned=())
+            tasks = target.tasks
+            if target.discovery is not None:
+                try:
+                    found = select(await poller.client.list_tasks(), target.discovery)
+                except ApiError as error:
+                    log.error(
+                        "target %s: discovery: listing the tasks failed: %s", target.name, error
+                    )
+                    ok = False
+                    found = ()
+                taken = {task_id.lower() for other in pollers for task_id in other.task_ids}
+                taken.update(task.id.lower() for task in config.all_tasks)
+                tasks = merge(tasks, (task for task in found if task.id.lower() not in taken))
+            poller.set_tasks(shard.select(tasks) if shard is not None else tasks)
+            pollers.append(poller)
+        results = await asyncio.gather(*(poller.poll_all_once() for poller in pollers))
     sys.stdout.write(MetricsRenderer(state).render(openmetrics=False).decode())
-    return 0 if ok else 1
+    return 0 if ok and all(results) else 1
 
 
 async def run_demo(listen: tuple[str | None, int], web_config: WebConfig | None) -> None:
@@ -178,8 +189,9 @@ def check_config(args: argparse.Namespace) -> int:
     failed = False
     try:
         config = load_config(args.config_file)
-        count = len(config.tasks)
-        print(f"{args.config_file}: OK, {count} task{'' if count == 1 else 's'}")
+        count, targets = len(config.all_tasks), len(config.targets)
+        in_targets = f" in {targets} targets" if targets > 1 else ""
+        print(f"{args.config_file}: OK, {count} task{'' if count == 1 else 's'}{in_targets}")
     except ConfigError as error:
         print(error, file=sys.stderr)
         failed = True

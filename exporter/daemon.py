@@ -13,7 +13,8 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -22,7 +23,7 @@ from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from exporter.client import DcsClient, TaskDetails
-from exporter.config import AkSkAuth, Auth, Config, ConfigError, TaskConfig
+from exporter.config import AkSkAuth, Auth, Config, ConfigError, Target, TaskConfig
 from exporter.discovery import Discovery, merge
 from exporter.poller import Poller
 from exporter.sharding import Shard
@@ -61,12 +62,24 @@ def _env_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
         return None, None
 
 
+def _session_key(config: Config) -> tuple[frozenset[str], int]:
+    """What the HTTP session depends on: the endpoints (its proxy choice) and the pool size."""
+    endpoints = {
+        url
+        for target in config.targets
+        for url in (target.cloud.dcs_endpoint, target.cloud.iam_endpoint)
+    }
+    return frozenset(endpoints), config.polling.concurrency
+
+
 def open_session(config: Config) -> aiohttp.ClientSession:
-    """One HTTP session for the process: pooled connections, proxy settings from the environment."""
-    connector = aiohttp.TCPConnector(limit=max(4, config.polling.concurrency * 2))
+    """One HTTP session for the process and every target: pooled connections, proxy from the env."""
+    endpoints, concurrency = _session_key(config)
+    # Each target's poller runs up to ``concurrency`` polls at once.
+    connector = aiohttp.TCPConnector(limit=max(4, concurrency * 2) * len(config.targets))
     # trust_env=True makes aiohttp look up the proxy and ~/.netrc in a worker thread on every
     # request, about half the CPU of a poll; the proxy is decided once here instead.
-    proxies = {_env_proxy(url) for url in (config.cloud.dcs_endpoint, config.cloud.iam_endpoint)}
+    proxies = {_env_proxy(url) for url in endpoints}
     if len(proxies) == 1:
         proxy, proxy_auth = proxies.pop()
         return aiohttp.ClientSession(connector=connector, proxy=proxy, proxy_auth=proxy_auth)
@@ -79,18 +92,33 @@ def build_poller(
     session: aiohttp.ClientSession,
     state: ExporterState,
     tasks: Sequence[TaskConfig] | None = None,
+    *,
+    target: Target | None = None,
+    owned: Iterable[str] | None = None,
 ) -> Poller:
-    """A client and poller for the configured project (for ``tasks``, by default the config's)."""
+    """A client and poller for one target (the first by default) and ``tasks`` (its own by default).
+
+    ``owned``: the task IDs in ``state`` that the new poller takes over (see Poller); by default
+    every task in the state, which is right only while there is one target.
+    """
+    target = target or config.targets[0]
     throttle = Throttle(config.polling.max_requests_per_second)
     client = DcsClient(
         session,
-        config.cloud,
-        config.auth,
+        target.cloud,
+        target.auth,
         timeout=config.polling.timeout,
         throttle=throttle,
         token_refresh_margin=config.polling.token_refresh_margin,
     )
-    return Poller(state, client, config.polling, config.tasks if tasks is None else tasks)
+    return Poller(
+        state,
+        client,
+        config.polling,
+        target.tasks if tasks is None else tasks,
+        target=target.name,
+        owned=owned,
+    )
 
 
 def read_credentials(auth: Auth) -> tuple[str, ...]:
@@ -101,8 +129,20 @@ def read_credentials(auth: Auth) -> tuple[str, ...]:
     return (auth.password.read(),)
 
 
+@dataclass
+class TargetRun:
+    """One target's machinery: its client and poller, its discovery, and their loops."""
+
+    target: Target
+    poller: Poller
+    credentials: tuple[str, ...]
+    discovery: Discovery | None = None
+    poll_loop: asyncio.Task[None] | None = None
+    discovery_loop: asyncio.Task[None] | None = None
+
+
 class Daemon:
-    """The running exporter: one poller, one web server, reloadable config."""
+    """The running exporter: one poller per target, one web server, reloadable config."""
 
     def __init__(
         self,
@@ -114,109 +154,236 @@ class Daemon:
     ) -> None:
         self.config = config
         self.shard = shard  # this replica's part of the tasks (--shard); None: all of them
-        self.discovery: Discovery | None = None  # with a discovery section
-        self._discovery_loop: asyncio.Task[None] | None = None
+        self.runs: dict[str, TargetRun] = {}  # by target name, in config order
         self.load_config = load_config
         self.web_config = web_config
         self.state = ExporterState()
         self.session: aiohttp.ClientSession | None = None
-        self.poller: Poller | None = None
         self.poll_loop_restarts = 0
-        self._credentials: tuple[str, ...] = ()
-        self._poll_loop: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[str | None]] = set()
 
+    @property
+    def poller(self) -> Poller | None:
+        """The first target's poller (the only one of a config without ``targets:``)."""
+        return next(iter(self.runs.values())).poller if self.runs else None
+
+    @property
+    def discovery(self) -> Discovery | None:
+        """The first target's discovery, if it has one."""
+        return next(iter(self.runs.values())).discovery if self.runs else None
+
+    @property
+    def task_ids(self) -> list[str]:
+        """Every task polled, over all targets."""
+        return [task_id for run in self.runs.values() for task_id in run.poller.task_ids]
+
     # ---- reload -------------------------------------------------------------------------------
 
     async def reload(self) -> str | None:
-        """Re-read the config and credential files; on error keep the old ones and return why."""
+        """Re-read the config and credential files; on error keep the old ones and return why.
+
+        Targets are matched by name. An unchanged target keeps its client and poller (and so its
+        token and throttle); one whose cloud, auth, credentials or the polling settings changed
+        gets a new client and poller, its task states carried over; a removed target's tasks lose
+        their series; a new target starts polling at once.
+        """
         if self.load_config is None:
             log.warning("reload requested, but this daemon runs without a config file (demo)")
             return "this daemon was started without a config file"
         async with self._reload_lock:
             try:
                 new = self.load_config()
-                credentials = read_credentials(new.auth)
+                credentials = {target.name: read_credentials(target.auth) for target in new.targets}
             except ConfigError as error:
                 return self._reload_failed(str(error))
             except Exception as error:  # an unreadable file, a bug: never take the daemon down
                 log.debug("reload failed", exc_info=True)
                 return self._reload_failed(f"{type(error).__name__}: {error}")
             old, self.config = self.config, new
-            assert self.session is not None and self.poller is not None
-            await self._stop_discovery()
-            unchanged = (old.cloud, old.auth, old.polling) == (new.cloud, new.auth, new.polling)
-            if unchanged and credentials == self._credentials:
-                self.poller.set_tasks(self.watched(new))
-            else:
-                # Endpoints, credentials or timing changed: a new client (no cached token, new
-                # throttle) and scheduler; the task states carry over, removed tasks are dropped.
-                await self._stop_polling()
-                if (old.cloud, old.polling.concurrency) != (new.cloud, new.polling.concurrency):
-                    # The session's proxy choice and pool size depend on these.
-                    await self.session.close()
-                    self.session = open_session(new)
-                self.poller = build_poller(new, self.session, self.state, self.watched(new))
-                self._start_polling()
-            self._start_discovery(first_delay=0.0)  # new filters apply at once
-            self._credentials = credentials
+            assert self.session is not None
+            for each in self.runs.values():
+                await self._stop_discovery(each)
+            rebuild_all = _session_key(old) != _session_key(new)
+            if rebuild_all:
+                # The session's proxy choice and pool size depend on these: every client goes.
+                for each in self.runs.values():
+                    await self._stop_polling(each)
+                await self.session.close()
+                self.session = open_session(new)
+            wanted = {target.name: target for target in new.targets}
+            for name in [name for name in self.runs if name not in wanted]:
+                removed = self.runs.pop(name)
+                await self._stop_polling(removed)
+                removed.poller.set_tasks(())  # its tasks lose their series
+                self.state.clock_skew_seconds.pop(name, None)
+                log.info("target %s removed", name)
+            # First let go of tasks that another target now configures, so that no poller drops a
+            # task from the state after another one has taken it over.
+            for name, kept in self.runs.items():
+                theirs = {
+                    task.id.lower()
+                    for target in new.targets
+                    if target.name != name
+                    for task in target.tasks
+                }
+                kept.poller.set_tasks(
+                    TaskConfig(task_id, self.state.tasks[task_id].configured_name)
+                    for task_id in kept.poller.task_ids
+                    if task_id.lower() not in theirs and task_id in self.state.tasks
+                )
+            for target in new.targets:
+                run = self.runs.get(target.name)
+                if run is None:
+                    self.runs[target.name] = run = self._new_run(
+                        target, credentials[target.name], ()
+                    )
+                    self._start_polling(run)
+                    log.info("target %s added", target.name)
+                else:
+                    same = (run.target.cloud, run.target.auth, old.polling) == (
+                        target.cloud,
+                        target.auth,
+                        new.polling,
+                    )
+                    run.target = target
+                    if same and not rebuild_all and credentials[target.name] == run.credentials:
+                        run.poller.set_tasks(self._tasks_for(run.target, run.discovery))
+                    else:
+                        # A new client (no cached token, new throttle) and scheduler; the task
+                        # states carry over, removed tasks are dropped.
+                        await self._stop_polling(run)
+                        run.poller = build_poller(
+                            new,
+                            self.session,
+                            self.state,
+                            self._tasks_for(run.target, run.discovery),
+                            target=target,
+                            owned=run.poller.task_ids,
+                        )
+                        run.credentials = credentials[target.name]
+                        self._start_polling(run)
+                self._start_discovery(run, first_delay=0.0)  # new filters apply at once
+            self.runs = {target.name: self.runs[target.name] for target in new.targets}
+            self._sum_discovery()
             self.state.config_reload_ok = True
             self.state.changed()
-            log.info("configuration reloaded: %d tasks", len(self.poller.task_ids))
+            log.info(
+                "configuration reloaded: %d tasks in %d target%s",
+                len(self.task_ids),
+                len(self.runs),
+                "" if len(self.runs) == 1 else "s",
+            )
             return None
 
-    def watched(self, config: Config) -> tuple[TaskConfig, ...]:
-        """The tasks this replica polls: those of ``config`` and discovered ones, in its shard."""
-        tasks = config.tasks
-        if config.discovery is not None and self.discovery is not None:
-            tasks = merge(tasks, self.discovery.found)
+    def _new_run(
+        self, target: Target, credentials: tuple[str, ...], owned: Iterable[str]
+    ) -> TargetRun:
+        assert self.session is not None
+        run = TargetRun(
+            target,
+            build_poller(self.config, self.session, self.state, (), target=target, owned=owned),
+            credentials,
+        )
+        run.poller.set_tasks(self._tasks_for(run.target, run.discovery))
+        return run
+
+    def _tasks_for(self, target: Target, discovery: Discovery | None) -> tuple[TaskConfig, ...]:
+        """A target's tasks this replica polls: configured and discovered ones, in its shard.
+
+        A discovered task that another target configures or already polls stays with that one
+        (two targets can list the same project).
+        """
+        tasks = target.tasks
+        if target.discovery is not None and discovery is not None:
+            mine = {task.id.lower() for task in target.tasks}
+            others = {
+                task.id.lower()
+                for other in self.config.targets
+                if other.name != target.name
+                for task in other.tasks
+            }
+            others.update(
+                task_id.lower()
+                for name, other_run in self.runs.items()
+                if name != target.name
+                for task_id in other_run.poller.task_ids
+            )
+            tasks = tuple(
+                task
+                for task in merge(tasks, discovery.found)
+                if task.id.lower() in mine or task.id.lower() not in others
+            )
         return self.shard.select(tasks) if self.shard is not None else tasks
+
+    def watched(self, config: Config) -> tuple[TaskConfig, ...]:
+        """The tasks this replica polls for ``config``, over all targets (``_tasks_for`` each)."""
+        watched: list[TaskConfig] = []
+        for target in config.targets:
+            run = self.runs.get(target.name)
+            watched.extend(self._tasks_for(target, run.discovery if run is not None else None))
+        return tuple(watched)
 
     # ---- discovery ----------------------------------------------------------------------------
 
-    async def _list_tasks(self) -> list[TaskDetails]:
-        assert self.poller is not None
-        return await self.poller.client.list_tasks()  # the current client, also after a reload
-
-    def _discovered(self, found: tuple[TaskConfig, ...]) -> None:
-        if self.poller is not None:
-            self.poller.set_tasks(self.watched(self.config))
+    def _discovered(self, name: str) -> None:
+        run = self.runs.get(name)
+        if run is not None:
+            run.poller.set_tasks(self._tasks_for(run.target, run.discovery))
 
     def _discovery_refreshed(self, discovery: Discovery, ok: bool) -> None:
+        if not ok:
+            self.state.discovery_failures_total += 1
+        self._sum_discovery()
+
+    def _sum_discovery(self) -> None:
+        """Sum the targets' discovery results into the state (one set of discovery metrics)."""
         state = self.state
-        if ok:
-            state.discovered_tasks = len(discovery.found)
-            state.discovery_last_success_time = discovery.last_success_time
-        else:
-            state.discovery_failures_total += 1
+        discoveries = [run.discovery for run in self.runs.values() if run.discovery is not None]
+        listed = [d for d in discoveries if d.last_success_time is not None]
+        state.discovery_enabled = bool(discoveries)
+        if listed:
+            state.discovered_tasks = sum(len(d.found) for d in listed)
+            # The oldest of the targets' last listings: a target whose listing fails shows.
+            state.discovery_last_success_time = min(
+                d.last_success_time for d in listed if d.last_success_time is not None
+            )
         state.changed()
 
-    def _start_discovery(self, first_delay: float) -> None:
-        """Run discovery for the current config, keeping the last result across reloads."""
-        config = self.config.discovery
-        self.state.discovery_enabled = config is not None
-        self.state.changed()
+    def _start_discovery(self, run: TargetRun, first_delay: float) -> None:
+        """Run discovery for the run's target, keeping the last result across reloads."""
+        config = run.target.discovery
         if config is None:
-            self.discovery = None
+            run.discovery = None
+            self._sum_discovery()
             return
-        found = self.discovery.found if self.discovery is not None else ()
-        self.discovery = Discovery(
-            config, self._list_tasks, self._discovered, on_refresh=self._discovery_refreshed
+        found = run.discovery.found if run.discovery is not None else ()
+        last = run.discovery.last_success_time if run.discovery is not None else None
+        name = run.target.name
+
+        async def list_tasks() -> list[TaskDetails]:
+            return await self.runs[name].poller.client.list_tasks()  # the current client
+
+        run.discovery = Discovery(
+            config,
+            list_tasks,
+            lambda _found: self._discovered(name),
+            on_refresh=self._discovery_refreshed,
         )
-        self.discovery.found = found
-        self._discovery_loop = asyncio.get_running_loop().create_task(
-            self.discovery.run(first_delay=first_delay)
+        run.discovery.found, run.discovery.last_success_time = found, last
+        self._sum_discovery()
+        run.discovery_loop = asyncio.get_running_loop().create_task(
+            run.discovery.run(first_delay=first_delay)
         )
 
-    async def _stop_discovery(self) -> None:
-        if self._discovery_loop is not None:
-            self._discovery_loop.cancel()
+    async def _stop_discovery(self, run: TargetRun) -> None:
+        if run.discovery_loop is not None:
+            run.discovery_loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._discovery_loop
-            self._discovery_loop = None
+                await run.discovery_loop
+            run.discovery_loop = None
 
     def _reload_failed(self, problem: str) -> str:
         self.state.config_reload_ok = False
@@ -227,38 +394,38 @@ class Daemon:
 
     # ---- polling ------------------------------------------------------------------------------
 
-    def _start_polling(self) -> None:
-        self._poll_loop = asyncio.get_running_loop().create_task(self._keep_polling())
+    def _start_polling(self, run: TargetRun) -> None:
+        run.poll_loop = asyncio.get_running_loop().create_task(self._keep_polling(run))
 
-    async def _keep_polling(self) -> None:
-        """Run the poller's loop; should it ever fail, log why and start it again."""
+    async def _keep_polling(self, run: TargetRun) -> None:
+        """Run the target's poller loop; should it ever fail, log why and start it again."""
         while True:
-            assert self.poller is not None
             try:
-                await self.poller.run()
+                await run.poller.run()
             except Exception:
                 self.poll_loop_restarts += 1
-                log.exception("the polling loop failed; starting it again")
-                await self.poller.stop()
+                log.exception(
+                    "target %s: the polling loop failed; starting it again", run.target.name
+                )
+                await run.poller.stop()
                 await asyncio.sleep(RESTART_DELAY_SECONDS)
 
-    async def _stop_polling(self) -> None:
-        if self._poll_loop is not None:
-            self._poll_loop.cancel()
+    async def _stop_polling(self, run: TargetRun) -> None:
+        if run.poll_loop is not None:
+            run.poll_loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._poll_loop
-            self._poll_loop = None
-        if self.poller is not None:
-            await self.poller.stop()
+                await run.poll_loop
+            run.poll_loop = None
+        await run.poller.stop()
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, host: str | None, port: int) -> None:
-        """Open the session, start the web server and the background polling."""
+        """Open the session, start the web server and the background polling of every target."""
         warn_about_proxy()
-        self._credentials = read_credentials(self.config.auth)
         self.session = open_session(self.config)
-        self.poller = build_poller(self.config, self.session, self.state, self.watched(self.config))
+        for target in self.config.targets:
+            self.runs[target.name] = self._new_run(target, read_credentials(target.auth), ())
         app = create_app(
             self.state,
             web_config=self.web_config,
@@ -278,28 +445,33 @@ class Daemon:
             raise
         scheme = "https" if ssl_context else "http"
         shown_host = f"[{host}]" if host and ":" in host else host or "0.0.0.0"
-        count = len(self.poller.task_ids)
+        count = len(self.task_ids)
         log.info(
-            "listening on %s://%s:%d/metrics, watching %d task%s",
+            "listening on %s://%s:%d/metrics, watching %d task%s%s",
             scheme,
             shown_host,
             self.port,
             count,
             "" if count == 1 else "s",
+            f" in {len(self.runs)} targets" if len(self.runs) > 1 else "",
         )
         if self.shard is not None:
             log.info(
                 "shard %s: polling %d of the %d configured tasks",
                 self.shard,
-                len(self.poller.task_ids),
-                len(self.config.tasks),
+                count,
+                len(self.config.all_tasks),
             )
-        if self.config.discovery is not None:
-            # One listing before the first round, so that discovered tasks are in it.
-            self._start_discovery(first_delay=self.config.discovery.interval)
-            assert self.discovery is not None
-            await self.discovery.refresh_guarded()
-        self._start_polling()
+        discovering = [run for run in self.runs.values() if run.target.discovery is not None]
+        for run in discovering:
+            assert run.target.discovery is not None
+            self._start_discovery(run, first_delay=run.target.discovery.interval)
+        # One listing per target before the first round, so that discovered tasks are in it.
+        await asyncio.gather(
+            *(run.discovery.refresh_guarded() for run in discovering if run.discovery is not None)
+        )
+        for run in self.runs.values():
+            self._start_polling(run)
 
     @property
     def port(self) -> int:
@@ -312,8 +484,9 @@ class Daemon:
         """Stop polling, then the web server, then the HTTP session; safe to call twice."""
         for task in list(self._background):
             task.cancel()
-        await self._stop_discovery()
-        await self._stop_polling()
+        for run in self.runs.values():
+            await self._stop_discovery(run)
+            await self._stop_polling(run)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

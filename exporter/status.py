@@ -339,17 +339,21 @@ class CloudSource:
         self.state = ExporterState()
         self._history = landing.History()
         self._session = open_session(config)
-        self._poller = build_poller(config, self._session, self.state)
+        self._pollers = [
+            build_poller(config, self._session, self.state, target=target, owned=())
+            for target in config.targets
+        ]
 
     async def fetch(self) -> list[TaskLine]:
-        """Poll every task now and read the result like the feed."""
-        await self._poller.poll_all_once()
+        """Poll every task of every target now and read the result like the feed."""
+        await asyncio.gather(*(poller.poll_all_once() for poller in self._pollers))
         document = landing.snapshot(self.state, self._history, time.time())
         return parse_document(json.loads(json.dumps(document)))
 
     async def close(self) -> None:
         """Stop polls in flight and close the HTTP session."""
-        await self._poller.stop()
+        for poller in self._pollers:
+            await poller.stop()
         await self._session.close()
 
 
