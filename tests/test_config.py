@@ -612,3 +612,139 @@ def test_endpoint_paths_are_checked(key: str, url: str, message: str) -> None:
     [line] = problems_of(config(cloud, AKSK, TASKS))
     assert located(line)[2] == f"cloud.{key}"
     assert message in line
+
+
+# ---- several targets ------------------------------------------------------------------------
+
+OTHER_PROJECT = "fedcba9876543210fedcba9876543210"
+TWO_TARGETS = f"""\
+polling:
+  interval: 15s
+targets:
+  - name: de
+    cloud:
+      region: eu-de
+      project_id: "{PROJECT}"
+    auth:
+      access_key: AKDE
+      secret_key: sk-de
+    tasks:
+      - id: "{TASK_A}"
+        name: orders
+  - name: nl
+    cloud:
+      region: eu-nl
+      project_id: "{OTHER_PROJECT}"
+    auth:
+      username: monitoring
+      password: pw-nl
+      domain_name: OTC-EU-NL
+    tasks:
+      - id: "{TASK_B}"
+    discovery:
+      status: [MIGRATING]
+"""
+
+
+def test_two_targets_are_read_in_order_with_their_own_sections() -> None:
+    """A targets list gives one target per entry, each with its cloud, auth, tasks and discovery,
+    and the one polling section."""
+    parsed = parse_config(TWO_TARGETS)
+    de, nl = parsed.targets
+    assert (de.name, de.cloud.project_id, de.cloud.region) == ("de", PROJECT, "eu-de")
+    assert isinstance(de.auth, AkSkAuth) and de.auth.access_key == "AKDE"
+    assert [(t.id, t.name) for t in de.tasks] == [(TASK_A, "orders")]
+    assert de.discovery is None
+    assert (nl.name, nl.cloud.project_id) == ("nl", OTHER_PROJECT)
+    assert nl.cloud.dcs_endpoint == "https://dcs.eu-nl.otc.t-systems.com"
+    assert isinstance(nl.auth, PasswordAuth) and nl.auth.password.read() == "pw-nl"
+    assert nl.discovery is not None and nl.discovery.statuses == ("MIGRATING",)
+    assert parsed.polling.interval == 15.0
+    assert [task.id for task in parsed.all_tasks] == [TASK_A, TASK_B]
+
+
+def test_top_level_form_is_one_target_named_default() -> None:
+    """A file without targets still means exactly one target, built from its top-level sections."""
+    parsed = parse_config(config(CLOUD, AKSK, TASKS))
+    (only,) = parsed.targets
+    assert only.name == "default"
+    assert (only.cloud, only.auth, only.tasks) == (parsed.cloud, parsed.auth, parsed.tasks)
+
+
+def test_top_level_cloud_and_auth_beside_targets_name_both() -> None:
+    """Top-level cloud and auth next to targets are refused, each pointing at the line of targets."""
+    lines = problems_of(config(CLOUD, AKSK, TWO_TARGETS))
+    found = [located(line) for line in lines]
+    targets_line = config(CLOUD, AKSK, TWO_TARGETS).splitlines().index("targets:") + 1
+    assert [(path, line) for line, _, path, _ in found] == [("cloud", 1), ("auth", 4)]
+    for _, _, _, message in found:
+        assert f"together with targets (line {targets_line})" in message
+
+
+def test_duplicate_target_names_are_refused() -> None:
+    """Two entries with the same name are refused at the second, naming the first's line."""
+    text = TWO_TARGETS.replace("name: nl", "name: de")
+    (line,) = problems_of(text)
+    number, _, path, message = located(line)
+    assert (number, path) == (text.splitlines().index("  - name: de", 5) + 1, "targets[1].name")
+    assert "duplicate target name 'de' (first on line 4)" in message
+
+
+def test_task_id_in_two_targets_is_refused_naming_both_lines() -> None:
+    """A task ID under two targets (in any case) is refused at the second, naming the first."""
+    text = TWO_TARGETS.replace(f'id: "{TASK_B}"', f'id: "{TASK_A.upper()}"')
+    (line,) = problems_of(text)
+    number, _, path, message = located(line)
+    first = text.splitlines().index(f'      - id: "{TASK_A}"') + 1
+    assert (number, path) == (
+        text.splitlines().index(f'      - id: "{TASK_A.upper()}"') + 1,
+        "targets[1].tasks[0].id",
+    )
+    assert f"also under targets[0].tasks (line {first})" in message
+
+
+def test_problems_inside_targets_are_located_under_their_entry() -> None:
+    """Problems in an entry carry its path (targets[1].auth.access_key ...) and their own line."""
+    text = (
+        TWO_TARGETS.replace("username: monitoring", "access_key: 12345")
+        .replace("password: pw-nl", "secret_key: x")
+        .replace("      domain_name: OTC-EU-NL\n", "")
+        .replace("region: eu-nl", "region: eu-nowhere")
+        .replace("  - name: de\n", "  - name: de\n    polling: {}\n")
+    )
+    found = {located(line)[2]: located(line) for line in problems_of(text)}
+    assert set(found) == {
+        "targets[0].polling",
+        "targets[1].cloud.region",
+        "targets[1].auth.access_key",
+    }
+    lines = text.splitlines()
+    assert found["targets[1].auth.access_key"][:2] == (
+        lines.index("      access_key: 12345") + 1,
+        19,
+    )
+    assert "put it in quotes" in found["targets[1].auth.access_key"][3]
+    assert found["targets[1].cloud.region"][0] == lines.index("      region: eu-nowhere") + 1
+    assert "shared by all targets" in found["targets[0].polling"][3]
+
+
+def test_target_entry_needs_name_cloud_auth_and_tasks() -> None:
+    """An entry with none of its required keys gets one problem per key, at the entry."""
+    text = "targets:\n  - discovery_typo: 1\n"
+    paths = sorted(located(line)[2] for line in problems_of(text))
+    assert paths == [
+        "targets[0].auth",
+        "targets[0].cloud",
+        "targets[0].discovery_typo",
+        "targets[0].name",
+        "targets[0].tasks",
+    ]
+
+
+def test_empty_targets_list_is_refused() -> None:
+    """targets: [] is refused rather than meaning no project at all."""
+    (line,) = problems_of("targets: []\n")
+    assert located(line)[2:] == (
+        "targets",
+        "must be a non-empty list of targets (each with a name)",
+    )
