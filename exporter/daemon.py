@@ -159,6 +159,7 @@ class Daemon:
         self.web_config = web_config
         self.state = ExporterState()
         self.session: aiohttp.ClientSession | None = None
+        self._session_targets = 0
         self.poll_loop_restarts = 0
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
@@ -206,13 +207,21 @@ class Daemon:
             assert self.session is not None
             for each in self.runs.values():
                 await self._stop_discovery(each)
-            rebuild_all = _session_key(old) != _session_key(new)
+            (old_urls, old_concurrency), (new_urls, new_concurrency) = map(_session_key, (old, new))
+            # The session's proxy choice depends on the endpoints and its pool size on the
+            # concurrency and the number of targets. A new endpoint, or a larger pool, needs a new
+            # session and so every client goes; a removed target alone does not.
+            rebuild_all = (
+                not new_urls <= old_urls
+                or new_concurrency != old_concurrency
+                or len(new.targets) > self._session_targets
+            )
             if rebuild_all:
-                # The session's proxy choice and pool size depend on these: every client goes.
                 for each in self.runs.values():
                     await self._stop_polling(each)
                 await self.session.close()
                 self.session = open_session(new)
+                self._session_targets = len(new.targets)
             wanted = {target.name: target for target in new.targets}
             for name in [name for name in self.runs if name not in wanted]:
                 removed = self.runs.pop(name)
@@ -424,6 +433,7 @@ class Daemon:
         """Open the session, start the web server and the background polling of every target."""
         warn_about_proxy()
         self.session = open_session(self.config)
+        self._session_targets = len(self.config.targets)  # the pool is sized for these
         for target in self.config.targets:
             self.runs[target.name] = self._new_run(target, read_credentials(target.auth), ())
         app = create_app(
