@@ -39,6 +39,7 @@ VALUES_FILES = {
     "existing-secret": CHART / "ci" / "existing-secret-values.yaml",
     "password": CHART / "ci" / "password-values.yaml",
     "sharded": CHART / "ci" / "sharded-values.yaml",
+    "discovery": CHART / "ci" / "discovery-values.yaml",
 }
 SHARDED_REPLICAS = 4
 
@@ -459,6 +460,16 @@ def test_password_config_passes_config_check(render: Callable[..., Docs], tmp_pa
     assert "OK, 1 task" in _check_config_like_the_pod(docs, data, tmp_path)
 
 
+def test_discovery_config_passes_config_check(render: Callable[..., Docs], tmp_path: Path) -> None:
+    """A discovery section with no task list gives a config the exporter accepts."""
+    docs = render("discovery")
+    secret = one(docs, "Secret")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert "OK, 0 tasks" in _check_config_like_the_pod(docs, data, tmp_path)
+    config = yaml.safe_load(one(docs, "ConfigMap", FULLNAME)["data"]["config.yaml"])
+    assert config["discovery"]["name_regex"] == "^orders-"
+
+
 def test_default_config_is_refused_with_what_to_fill_in(
     render: Callable[..., Docs], tmp_path: Path
 ) -> None:
@@ -492,6 +503,7 @@ def test_default_config_is_refused_with_what_to_fill_in(
         (["--set", "auth.method=token"], "method"),
         (["--set", "config.cloud.project_id=not-hex"], "project_id"),
         (["--set", "serviceMonitr.enabled=true"], "serviceMonitr"),
+        (["--set", "config.discovery.name_regx=x"], "name_regx"),
     ],
 )
 def test_schema_rejects_bad_values(
