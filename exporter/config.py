@@ -12,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, SequenceNode
@@ -34,6 +35,8 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # An http(s) origin plus an optional path: no spaces, query, fragment or user:password@.
+MIN_DURATION_SECONDS = 0.1
+MAX_DURATION_SECONDS = 7 * 86400.0
 _URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[^\s?#]*)?")
 
 _AKSK_KEYS = frozenset(
@@ -454,7 +457,7 @@ def _url(node: Node | None, path: str, problems: Problems) -> str | None:
     if re.match(r"^https?://[^/\s]*@", text):
         problems.add(path, node, "must not contain a user name or password; put them under auth")
         return None
-    if not _URL.fullmatch(text):
+    if not _URL.fullmatch(text) or not _host_and_port_valid(text):
         problems.add(
             path,
             node,
@@ -462,6 +465,15 @@ def _url(node: Node | None, path: str, problems: Problems) -> str | None:
         )
         return None
     return text.rstrip("/")
+
+
+def _host_and_port_valid(url: str) -> bool:
+    """The host and port parse (an IPv6 host needs both brackets; a port fits in 16 bits)."""
+    try:
+        parts = urlsplit(url)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:
+        return False
 
 
 def _read_cloud(node: Node | None, root: Node, problems: Problems) -> CloudConfig | None:
@@ -628,6 +640,10 @@ def _duration(node: Node, path: str, problems: Problems) -> float | None:
         return None
     if seconds <= 0 or math.isinf(seconds):
         problems.add(path, node, f"must be greater than 0, not {shorten(str(node.value))}")
+        return None
+    if not MIN_DURATION_SECONDS <= seconds <= MAX_DURATION_SECONDS:
+        # Below 100 ms the scheduler would spin; beyond a week a typo is more likely than intent.
+        problems.add(path, node, "must be between 100ms and 7d")
         return None
     return seconds
 

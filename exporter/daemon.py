@@ -203,89 +203,98 @@ class Daemon:
             except Exception as error:  # an unreadable file, a bug: never take the daemon down
                 log.debug("reload failed", exc_info=True)
                 return self._reload_failed(f"{type(error).__name__}: {error}")
-            old, self.config = self.config, new
-            assert self.session is not None
+            previous = self.config
+            try:
+                return await self._apply(new, credentials)
+            except Exception as error:  # a bug while applying: say so, never take the daemon down
+                log.exception("reload failed while applying the new configuration")
+                self.config = previous
+                self._resume_stopped_loops()
+                return self._reload_failed(f"{type(error).__name__}: {error}")
+
+    async def _apply(self, new: Config, credentials: dict[str, tuple[str, ...]]) -> str | None:
+        """Switch the running targets over to a validated config."""
+        old, self.config = self.config, new
+        assert self.session is not None
+        for each in self.runs.values():
+            await self._stop_discovery(each)
+        (old_urls, old_concurrency), (new_urls, new_concurrency) = map(_session_key, (old, new))
+        # The session's proxy choice depends on the endpoints and its pool size on the
+        # concurrency and the number of targets. A new endpoint, or a larger pool, needs a new
+        # session and so every client goes; a removed target alone does not.
+        rebuild_all = (
+            not new_urls <= old_urls
+            or new_concurrency != old_concurrency
+            or len(new.targets) > self._session_targets
+        )
+        if rebuild_all:
             for each in self.runs.values():
-                await self._stop_discovery(each)
-            (old_urls, old_concurrency), (new_urls, new_concurrency) = map(_session_key, (old, new))
-            # The session's proxy choice depends on the endpoints and its pool size on the
-            # concurrency and the number of targets. A new endpoint, or a larger pool, needs a new
-            # session and so every client goes; a removed target alone does not.
-            rebuild_all = (
-                not new_urls <= old_urls
-                or new_concurrency != old_concurrency
-                or len(new.targets) > self._session_targets
+                await self._stop_polling(each)
+            await self.session.close()
+            self.session = open_session(new)
+            self._session_targets = len(new.targets)
+        wanted = {target.name: target for target in new.targets}
+        for name in [name for name in self.runs if name not in wanted]:
+            removed = self.runs.pop(name)
+            await self._stop_polling(removed)
+            removed.poller.set_tasks(())  # its tasks lose their series
+            self.state.clock_skew_seconds.pop(name, None)
+            log.info("target %s removed", name)
+        # First let go of tasks that another target now configures, so that no poller drops a
+        # task from the state after another one has taken it over.
+        for name, kept in self.runs.items():
+            theirs = {
+                task.id.lower()
+                for target in new.targets
+                if target.name != name
+                for task in target.tasks
+            }
+            kept.poller.set_tasks(
+                TaskConfig(task_id, self.state.tasks[task_id].configured_name)
+                for task_id in kept.poller.task_ids
+                if task_id.lower() not in theirs and task_id in self.state.tasks
             )
-            if rebuild_all:
-                for each in self.runs.values():
-                    await self._stop_polling(each)
-                await self.session.close()
-                self.session = open_session(new)
-                self._session_targets = len(new.targets)
-            wanted = {target.name: target for target in new.targets}
-            for name in [name for name in self.runs if name not in wanted]:
-                removed = self.runs.pop(name)
-                await self._stop_polling(removed)
-                removed.poller.set_tasks(())  # its tasks lose their series
-                self.state.clock_skew_seconds.pop(name, None)
-                log.info("target %s removed", name)
-            # First let go of tasks that another target now configures, so that no poller drops a
-            # task from the state after another one has taken it over.
-            for name, kept in self.runs.items():
-                theirs = {
-                    task.id.lower()
-                    for target in new.targets
-                    if target.name != name
-                    for task in target.tasks
-                }
-                kept.poller.set_tasks(
-                    TaskConfig(task_id, self.state.tasks[task_id].configured_name)
-                    for task_id in kept.poller.task_ids
-                    if task_id.lower() not in theirs and task_id in self.state.tasks
+        for target in new.targets:
+            run = self.runs.get(target.name)
+            if run is None:
+                self.runs[target.name] = run = self._new_run(target, credentials[target.name], ())
+                self._start_polling(run)
+                log.info("target %s added", target.name)
+            else:
+                same = (run.target.cloud, run.target.auth, old.polling) == (
+                    target.cloud,
+                    target.auth,
+                    new.polling,
                 )
-            for target in new.targets:
-                run = self.runs.get(target.name)
-                if run is None:
-                    self.runs[target.name] = run = self._new_run(
-                        target, credentials[target.name], ()
-                    )
-                    self._start_polling(run)
-                    log.info("target %s added", target.name)
+                run.target = target
+                if same and not rebuild_all and credentials[target.name] == run.credentials:
+                    run.poller.set_tasks(self._tasks_for(run.target, run.discovery))
                 else:
-                    same = (run.target.cloud, run.target.auth, old.polling) == (
-                        target.cloud,
-                        target.auth,
-                        new.polling,
+                    # A new client (no cached token, new throttle) and scheduler; the task
+                    # states carry over, removed tasks are dropped.
+                    await self._stop_polling(run)
+                    run.poller = build_poller(
+                        new,
+                        self.session,
+                        self.state,
+                        self._tasks_for(run.target, run.discovery),
+                        target=target,
+                        owned=run.poller.task_ids,
                     )
-                    run.target = target
-                    if same and not rebuild_all and credentials[target.name] == run.credentials:
-                        run.poller.set_tasks(self._tasks_for(run.target, run.discovery))
-                    else:
-                        # A new client (no cached token, new throttle) and scheduler; the task
-                        # states carry over, removed tasks are dropped.
-                        await self._stop_polling(run)
-                        run.poller = build_poller(
-                            new,
-                            self.session,
-                            self.state,
-                            self._tasks_for(run.target, run.discovery),
-                            target=target,
-                            owned=run.poller.task_ids,
-                        )
-                        run.credentials = credentials[target.name]
-                        self._start_polling(run)
-                self._start_discovery(run, first_delay=0.0)  # new filters apply at once
-            self.runs = {target.name: self.runs[target.name] for target in new.targets}
-            self._sum_discovery()
-            self.state.config_reload_ok = True
-            self.state.changed()
-            log.info(
-                "configuration reloaded: %d tasks in %d target%s",
-                len(self.task_ids),
-                len(self.runs),
-                "" if len(self.runs) == 1 else "s",
-            )
-            return None
+                    run.credentials = credentials[target.name]
+                    self._start_polling(run)
+            self._start_discovery(run, first_delay=0.0)  # new filters apply at once
+        self.runs = {target.name: self.runs[target.name] for target in new.targets}
+        self._sum_discovery()
+        self.state.config_reload_ok = True
+        self.state.changed()
+        log.info(
+            "configuration reloaded: %d tasks in %d target%s",
+            len(self.task_ids),
+            len(self.runs),
+            "" if len(self.runs) == 1 else "s",
+        )
+        return None
 
     def _new_run(
         self, target: Target, credentials: tuple[str, ...], owned: Iterable[str]
@@ -402,6 +411,14 @@ class Daemon:
         return problem
 
     # ---- polling ------------------------------------------------------------------------------
+
+    def _resume_stopped_loops(self) -> None:
+        """After a failed reload, start again every loop it had stopped, with its old poller."""
+        for run in self.runs.values():
+            if run.poll_loop is None:
+                self._start_polling(run)
+            if run.discovery is not None and run.discovery_loop is None:
+                self._start_discovery(run, first_delay=0.0)
 
     def _start_polling(self, run: TargetRun) -> None:
         run.poll_loop = asyncio.get_running_loop().create_task(self._keep_polling(run))

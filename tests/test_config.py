@@ -748,3 +748,26 @@ def test_empty_targets_list_is_refused() -> None:
         "targets",
         "must be a non-empty list of targets (each with a name)",
     )
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://[::1", "http://:8080"]
+)
+def test_endpoint_host_and_port_must_parse(url: str) -> None:
+    """A port out of range, a port that is not a number or a broken IPv6 host fails the check,
+    instead of passing it and crashing the client at start."""
+    [line] = problems_of(config(f'{CLOUD}  dcs_endpoint: "{url}"\n', AKSK, TASKS))
+    assert located(line)[2] == "cloud.dcs_endpoint"
+
+
+def test_ipv6_endpoint_with_brackets_is_accepted() -> None:
+    """A bracketed IPv6 host with a port is a valid endpoint."""
+    parsed = parse_config(config(f'{CLOUD}  dcs_endpoint: "http://[::1]:8080"\n', AKSK, TASKS))
+    assert parsed.cloud.dcs_endpoint == "http://[::1]:8080"
+
+
+@pytest.mark.parametrize("value", ["0.0001", "50ms", "8d", "99999999999999999999d"])
+def test_durations_outside_100ms_to_7d_are_refused(value: str) -> None:
+    """A sub-100 ms interval would make the scheduler spin; a huge one is a typo."""
+    [line] = problems_of(config(CLOUD, AKSK, f"polling:\n  interval: {value}\n", TASKS))
+    assert located(line)[2:] == ("polling.interval", "must be between 100ms and 7d")

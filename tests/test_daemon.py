@@ -132,6 +132,35 @@ async def test_unreadable_config_file_is_a_failed_reload_not_a_crash(
     assert metrics.get("dcs_migration_up", task_id=TASK_A) == 1
 
 
+async def test_a_bug_while_applying_a_reload_is_a_failed_reload_not_a_500(
+    sim_server: SimServer,
+    tmp_path: Path,
+    start_daemon: Callable[[Path], Awaitable[Running]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception while switching to a valid new config is answered 400 and counted; the daemon
+    keeps serving and polling."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
+    running = await start_daemon(path)
+    await running.until(up())
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("injected while building a client")
+
+    monkeypatch.setattr(exporter.daemon, "build_poller", broken)
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), "polling:\n  interval: 300ms\n"))
+    status, text = await running.reload()
+    assert status == 400
+    assert "injected while building a client" in text
+    metrics = await running.until(
+        lambda m: m.get("dcs_migration_config_reload_failures_total") == 1
+    )
+    assert metrics.get("dcs_migration_config_last_reload_successful") == 0
+    polls = await running.polls()
+    await running.until(lambda m: (m.get("dcs_migration_polls_total", task_id=TASK_A) or 0) > polls)
+
+
 async def test_reload_rereads_the_password_file(
     sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
 ) -> None:
