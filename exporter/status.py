@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO, get_args
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -266,13 +267,28 @@ class Source(Protocol):
 
 
 def exporter_base_url(url: str) -> str:
-    """The exporter's base URL from what a user typed: ``host:9713``, ``http://host:9713/metrics``."""
-    url = url.strip().rstrip("/")
+    """The exporter's base URL from what a user typed: ``host:9713``, ``http://host:9713/metrics``.
+
+    Credentials written into the URL are dropped here (see ``url_credentials``), so that no
+    message ever shows them; a query or fragment is dropped too.
+    """
+    url = url.strip()
     if "://" not in url:
         url = f"http://{url}"
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    path = parts.path.rstrip("/")
     for page in ("/api/v1/tasks", "/metrics"):
-        url = url.removesuffix(page)
-    return url
+        path = path.removesuffix(page)
+    return urlunsplit((parts.scheme, netloc, path, "", ""))
+
+
+def url_credentials(url: str) -> str | None:
+    """A basic ``Authorization`` value from ``user:password@`` in the URL, if it has them."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.username is None:
+        return None
+    return basic_header(unquote(parts.username), unquote(parts.password or ""))
 
 
 class UrlSource:
@@ -290,6 +306,7 @@ class UrlSource:
         self._timeout = timeout
         self._endpoint = f"{self.name}/api/v1/tasks"
         self._headers = {"Accept": "application/json"}
+        authorization = authorization or url_credentials(url)
         if authorization is not None:
             self._headers["Authorization"] = authorization
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
@@ -414,6 +431,11 @@ def basic_auth(args: argparse.Namespace, environ: Mapping[str, str] = os.environ
         if password:
             raise StatusError(f"a password is set but no user: set {USERNAME_ENV} or --username")
         return None
+    return basic_header(user, password)
+
+
+def basic_header(user: str, password: str) -> str:
+    """The ``Authorization`` value for HTTP basic auth."""
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return f"Basic {token}"
 

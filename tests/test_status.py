@@ -326,6 +326,26 @@ async def test_url_source_with_basic_auth(servers: Servers, tmp_path: Path) -> N
     await wrong.close()
 
 
+async def test_url_credentials_are_used_and_never_shown(servers: Servers, tmp_path: Path) -> None:
+    """`user:password@` in --url authenticates, a wrong one is called wrong, and no message
+    shows the password."""
+    web_config = basic_auth_web_config(tmp_path, "alice", "s3cret")
+    state = ExporterState()
+    state.tasks[TASK_A] = polled_task()
+    url = await servers(create_app(state, web_config=web_config))
+    scheme, rest = url.split("://", 1)
+
+    good = status.make_source(args_for("--url", f"{scheme}://alice:s3cret@{rest}"), environ={})
+    assert [t.task_id for t in await good.fetch()] == [TASK_A]
+    await good.close()
+
+    wrong = status.make_source(args_for("--url", f"{scheme}://alice:WRONGpw@{rest}"), environ={})
+    with pytest.raises(StatusError, match="credentials wrong") as caught:
+        await wrong.fetch()
+    assert "WRONGpw" not in str(caught.value)
+    await wrong.close()
+
+
 def test_password_without_user_is_refused() -> None:
     """A password alone is a mistake worth saying, not a silent anonymous request."""
     with pytest.raises(StatusError, match="no user"):
@@ -407,6 +427,7 @@ def test_cloud_source_bad_config(tmp_path: Path) -> None:
         ("http://host:9713/", "http://host:9713"),
         ("https://host:9713/metrics", "https://host:9713"),
         ("http://host:9713/api/v1/tasks", "http://host:9713"),
+        ("http://alice:pw@host:9713/?x=1", "http://host:9713"),
     ],
 )
 def test_url_as_typed_becomes_the_exporter_base(typed: str, base: str) -> None:
