@@ -191,7 +191,9 @@ def check_config(args: argparse.Namespace) -> int:
         config = load_config(args.config_file)
         count, targets = len(config.all_tasks), len(config.targets)
         in_targets = f" in {targets} targets" if targets > 1 else ""
-        print(f"{args.config_file}: OK, {count} task{'' if count == 1 else 's'}{in_targets}")
+        discovering = any(target.discovery is not None for target in config.targets)
+        found = " (more found by discovery at run time)" if discovering else ""
+        print(f"{args.config_file}: OK, {count} task{'' if count == 1 else 's'}{in_targets}{found}")
     except ConfigError as error:
         print(error, file=sys.stderr)
         failed = True
@@ -254,7 +256,10 @@ def _run(args: argparse.Namespace, given_config_file: bool) -> int:
             return 0
         config = load_config(args.config_file)
     except (ConfigError, WebConfigError) as error:
-        log.error("cannot start: invalid configuration\n%s", error)
+        # One log line per problem: a multi-line message would be one escaped logfmt line.
+        log.error("cannot start: invalid configuration")
+        for line in str(error).splitlines():
+            log.error("%s", line)
         return 1
     if args.once:
         return asyncio.run(run_once(config, args.shard))
