@@ -504,6 +504,12 @@ def test_default_config_is_refused_with_what_to_fill_in(
         (["--set", "config.cloud.project_id=not-hex"], "project_id"),
         (["--set", "serviceMonitr.enabled=true"], "serviceMonitr"),
         (["--set", "config.discovery.name_regx=x"], "name_regx"),
+        # sharding.replicas must be an integer of at least 1; sharding has no other keys.
+        (["--set", "sharding.replicas=0"], "sharding.replicas"),
+        (["--set", "sharding.replicas=-2"], "sharding.replicas"),
+        (["--set-string", "sharding.replicas=3"], "sharding.replicas"),
+        (["--set", "sharding.enabled=yes please"], "sharding.enabled"),
+        (["--set", "sharding.replica=3"], "replica"),
     ],
 )
 def test_schema_rejects_bad_values(
@@ -700,26 +706,6 @@ def test_sharded_name_too_long_for_a_statefulset_is_refused(
     long = helm(*args, "--set", "fullnameOverride=" + "a" * 53)
     assert long.returncode == 1
     assert "longer than 52 characters" in long.stderr
-
-
-@pytest.mark.parametrize(
-    ("args", "mentions"),
-    [
-        (["--set", "sharding.replicas=0"], "sharding.replicas"),
-        (["--set", "sharding.replicas=-2"], "sharding.replicas"),
-        (["--set-string", "sharding.replicas=3"], "sharding.replicas"),
-        (["--set", "sharding.enabled=yes please"], "sharding.enabled"),
-        (["--set", "sharding.replica=3"], "replica"),
-    ],
-)
-def test_schema_rejects_bad_sharding_values(
-    args: list[str], mentions: str, helm: Callable[..., subprocess.CompletedProcess[str]]
-) -> None:
-    """sharding.replicas must be an integer of at least 1; sharding has no other keys."""
-    result = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, *args)
-    assert result.returncode == 1
-    assert "values don't meet the specifications of the schema" in result.stderr
-    assert mentions in result.stderr
 
 
 def _notes(
