@@ -9,6 +9,8 @@ import sys
 import traceback
 from datetime import UTC, datetime
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 LEVELS = ("debug", "info", "warn", "error")
 _LEVEL_NAMES = {"WARNING": "warn", "CRITICAL": "error"}
 
@@ -78,6 +80,29 @@ class JsonFormatter(logging.Formatter):
         )
 
 
+class MalformedRequestFilter(logging.Filter):
+    """Turn aiohttp's error-level traceback for a malformed request into one debug line.
+
+    A header over 8 KB or a broken request line already gets its 400; logged as an error with a
+    traceback, it would let any client fill the log. Real handler errors are left alone.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop (or, at debug level, shorten) records about requests that could not be parsed."""
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        # Only the start: the parser's message quotes what the client sent.
+        detail = str(error.message)[:80]
+        record.msg = f"{record.getMessage()}: {type(error).__name__}: {detail}"
+        record.args = None
+        record.exc_info = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 def setup_logging(level: str, fmt: str) -> None:
     """Send logs to stderr in the chosen format and level."""
     handler = logging.StreamHandler(sys.stderr)
@@ -87,3 +112,6 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel({"warn": logging.WARNING}.get(level, level.upper()))
     # aiohttp's access log would print a line per scrape.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())

@@ -102,3 +102,46 @@ async def test_an_api_error_message_cannot_forge_a_log_line(sim_server: SimServe
     assert len(failures) == 1
     assert not any(line.startswith("ts=0") for line in lines)
     assert [key for key, _ in fields(failures[0])] == ["ts", "level", "logger", "msg"]
+
+
+def _aiohttp_server_record(error: Exception) -> logging.LogRecord:
+    """The record aiohttp's server logs for a request it could not handle."""
+    try:
+        raise error
+    except Exception:
+        exc_info = sys.exc_info()
+    return logging.LogRecord(
+        "aiohttp.server",
+        logging.ERROR,
+        __file__,
+        1,
+        "Error handling request from %s",
+        ("127.0.0.1",),
+        exc_info,
+    )
+
+
+def test_malformed_requests_do_not_log_tracebacks() -> None:
+    """A header over 8 KB is dropped from an info log and shortened to one debug line at debug;
+    a real handler error keeps its traceback."""
+    from aiohttp.http_exceptions import LineTooLong
+
+    from exporter.logs import MalformedRequestFilter
+
+    server_log = logging.getLogger("aiohttp.server")
+    old_level = server_log.level
+    flt = MalformedRequestFilter()
+    try:
+        server_log.setLevel(logging.INFO)
+        assert not flt.filter(_aiohttp_server_record(LineTooLong("a" * 9000, "8190")))
+        server_log.setLevel(logging.DEBUG)
+        record = _aiohttp_server_record(LineTooLong("a" * 9000, "8190"))
+        assert flt.filter(record)
+        assert (record.levelno, record.exc_info) == (logging.DEBUG, None)
+        assert record.getMessage().startswith("Error handling request from 127.0.0.1: LineTooLong")
+        assert len(record.getMessage()) < 200
+        bug = _aiohttp_server_record(RuntimeError("a handler bug"))
+        assert flt.filter(bug)
+        assert bug.levelno == logging.ERROR and bug.exc_info is not None
+    finally:
+        server_log.setLevel(old_level)
