@@ -251,22 +251,7 @@ def test_notes_explain_the_release_label(
     helm: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
     """NOTES.txt warns about missing tasks, credentials and the kube-prometheus-stack label."""
-    chart = tmp_path / "chart"
-    shutil.copytree(CHART, chart)
-    # helm template does not print NOTES.txt (and there is no cluster for a dry-run install), so a
-    # copy of the chart renders it into a ConfigMap through tpl.
-    shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes.txt")
-    (chart / "templates" / "notes-rendered.yaml").write_text(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: |\n"
-        '{{ tpl (.Files.Get "notes.txt") . | indent 4 }}\n'
-    )
-    result = helm(
-        "template", RELEASE, str(chart), "-n", NAMESPACE,
-        "--set", "serviceMonitor.enabled=true",
-        "--show-only", "templates/notes-rendered.yaml",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    notes = yaml.safe_load(result.stdout)["data"]["notes"]
+    notes = _notes(helm, tmp_path, "--set", "serviceMonitor.enabled=true")
     assert "WARNING: config.tasks is empty" in notes
     assert "WARNING: no credentials" in notes
     assert "serviceMonitor.additionalLabels.release=kube-prometheus-stack" in notes
@@ -711,7 +696,11 @@ def test_sharded_name_too_long_for_a_statefulset_is_refused(
 def _notes(
     helm: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, *extra: str
 ) -> str:
-    """NOTES.txt rendered through a copy of the chart (see test_notes_explain_the_release_label)."""
+    """NOTES.txt rendered through a copy of the chart.
+
+    helm template does not print NOTES.txt (and there is no cluster for a dry-run install), so a
+    copy of the chart renders it into a ConfigMap through tpl.
+    """
     chart = tmp_path / "chart"
     shutil.copytree(CHART, chart)
     shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes.txt")
