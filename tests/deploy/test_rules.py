@@ -55,6 +55,46 @@ def test_promtool_unit_tests_pass(tool: Callable[[str], str]) -> None:
     assert "SUCCESS" in result.stdout
 
 
+def _promtool_case(case: str, tool: Callable[[str], str], tmp_path: Path) -> str:
+    """Run only the rules_test.yml groups of one CASES.md case; return promtool's output."""
+    document = yaml.safe_load(RULES_TEST.read_text())
+    document["tests"] = [t for t in document["tests"] if t["name"].split()[0].startswith(case)]
+    assert document["tests"], f"rules_test.yml has no group for {case}"
+    (tmp_path / "rules.yml").write_text(RULES.read_text())
+    (tmp_path / "rules_test.yml").write_text(yaml.safe_dump(document, sort_keys=False))
+    result = subprocess.run(
+        [tool("promtool"), "test", "rules", "rules_test.yml"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_c29_failing_upstream_fires_poll_failing_not_the_stall(
+    tool: Callable[[str], str], tmp_path: Path
+) -> None:
+    """C29: 4 good polls then 40 failures: PollFailing fires, OffsetStalled never does, whether
+    the values are dropped or frozen."""
+    assert "SUCCESS" in _promtool_case("C29", tool, tmp_path)
+
+
+def test_c33_stall_alert_on_stuck_zero_oscillating_idle_absent_and_huge_offsets(
+    tool: Callable[[str], str], tmp_path: Path
+) -> None:
+    """C33 (a)-(f): only a constant non-zero offset while migrating and polling fires, at ~15 min;
+    the >2^53 false positive is pinned."""
+    assert "SUCCESS" in _promtool_case("C33", tool, tmp_path)
+
+
+def test_c34_full_sync_stuck_fires_for_stuck_tasks_not_the_incremental_phase(
+    tool: Callable[[str], str], tmp_path: Path
+) -> None:
+    """C34: FullSyncStuck fires for the tasks held at 49 % and 0 %, not for 100 % incremental."""
+    assert "SUCCESS" in _promtool_case("C34", tool, tmp_path)
+
+
 def test_promtool_unit_tests_catch_a_broken_stall_rule(
     tool: Callable[[str], str], tmp_path: Path
 ) -> None:
