@@ -1,11 +1,13 @@
-"""Benchmark the exporter against the simulator on loopback, and against a scrape-time exporter.
+"""Benchmark the exporter against a fake API on loopback, and against a scrape-time exporter.
 
     .venv/bin/python bench/bench.py            # 10, 100, 1,000 and 10,000 tasks: a few minutes
     .venv/bin/python bench/bench.py --quick    # 10, 100 and 1,000 tasks, short phases: < 60 s
 
-For every size three processes run on 127.0.0.1: the simulator (``exporter.simulator`` with every
-API answer delayed by ``--latency``; its CPU is not counted), the process under test, and this one,
-which drives the scrapes (an aiohttp client loop) and prints the tables.
+For every size three processes run on 127.0.0.1: the fake API (``bench/fake_api.py``: fixed answers,
+each ``--latency`` late, so that the cloud's stand-in takes next to no CPU from the process under
+test; ``--api simulator`` uses the full simulator instead, which checks every signature), the
+process under test, and this one, which drives the scrapes (an aiohttp client loop) and prints the
+tables.
 
 The exporter under test is wired from the daemon's own parts (``daemon.open_session``,
 ``daemon.build_poller``, ``web.create_app``). It first polls every task once to warm up (the first
@@ -64,6 +66,8 @@ P99_TARGET_MS = 50.0
 CYCLE_TARGET_RATIO = 1.2
 CPU_TARGET_MS_PER_POLL = 0.5
 RSS_TARGET_MB = 150.0
+API_NAMES = {"fake": "fixed-answer fake API", "simulator": "full simulator"}
+API_CHOICES = tuple(API_NAMES)
 
 
 def bench_task_ids(count: int) -> list[str]:
@@ -86,11 +90,28 @@ async def wait_for_sigterm() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Child: the simulator
+# Child: the fake API
+
+
+async def serve_api(tasks: int, latency: float, api: str) -> None:
+    """The fake API with ``tasks`` tasks, every answer ``latency`` seconds late."""
+    if api == "simulator":
+        await serve_simulator(tasks, latency)
+        return
+    from fake_api import build_answers, start_fake_api
+
+    from exporter.simulator import DEMO_PROJECT_ID
+
+    answers = build_answers(DEMO_PROJECT_ID, bench_task_ids(tasks), STATS_BODY)
+    server = await start_fake_api(answers, latency)
+    emit({"url": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"})
+    await wait_for_sigterm()
+    server.close()
+    await server.wait_closed()
 
 
 async def serve_simulator(tasks: int, latency: float) -> None:
-    """The fake API with ``tasks`` tasks, every answer ``latency`` seconds late."""
+    """The full simulator (signatures checked) behind an aiohttp server."""
     from aiohttp import web
 
     from exporter.simulator import Simulator
@@ -449,22 +470,24 @@ async def measure_alternative(
 async def measure(
     tasks: int, options: argparse.Namespace
 ) -> tuple[ExporterRow, AlternativeRow | None]:
-    """One size: simulator, exporter, alternative."""
+    """One size: fake API, exporter, alternative."""
     with tempfile.TemporaryDirectory(prefix="dcs-bench-") as tmp:
         directory = Path(tmp)
-        sim = await Child.start(
-            "simulator",
-            child_argv("_simulator", "--tasks", tasks, "--latency", options.latency),
+        api = await Child.start(
+            "api",
+            child_argv(
+                "_api", "--tasks", tasks, "--latency", options.latency, "--api", options.api
+            ),
             directory,
         )
         try:
-            url = (await sim.read_json(60))["url"]
+            url = (await api.read_json(60))["url"]
             exporter_row = await measure_exporter(tasks, url, options, directory)
             alternative_row = None
             if not options.no_alternative:
                 alternative_row = await measure_alternative(tasks, url, options, directory)
         finally:
-            await sim.stop()
+            await api.stop()
     return exporter_row, alternative_row
 
 
@@ -507,7 +530,8 @@ def report(
 ) -> str:
     """The three tables and the target verdicts."""
     out = [
-        f"dcs-migration-exporter benchmark: {os.cpu_count()} cores, simulator on loopback, API latency "
+        f"dcs-migration-exporter benchmark: {os.cpu_count()} cores, {API_NAMES[options.api]} on "
+        f"loopback, API latency "
         f"{options.latency * 1000:g} ms, poll concurrency {options.concurrency}, {options.scrapers} "
         f"concurrent scrapers (OpenMetrics + gzip) for {options.scrape_seconds:g} s, steady polling "
         f"every {options.interval:g} s per task; load average {' '.join(f'{x:.1f}' for x in options.load_before)} before, "
@@ -631,8 +655,21 @@ def report(
         verdict("poll round / ideal", largest.cycle / largest.ideal_cycle, CYCLE_TARGET_RATIO, "x"),
         verdict("CPU per poll", largest.cpu_ms_per_poll, CPU_TARGET_MS_PER_POLL, "ms"),
         verdict("peak RSS", largest.maxrss_kb / 1024, RSS_TARGET_MB, "MB"),
+        polls_verdict([row for row, _ in results]),
     ]
     return "\n".join(out)
+
+
+def polls_verdict(rows: Sequence[ExporterRow]) -> str:
+    """Whether every measured poll worked: rounds of failing polls would time nothing useful."""
+    failing = [
+        f"{row.failed_rounds} of {len(row.cycles)} rounds at {row.tasks} tasks"
+        for row in rows
+        if row.failed_rounds
+    ]
+    if not failing:
+        return "  every measured poll succeeded"
+    return f"  FAILED polls in {', '.join(failing)}: those figures do not time working polls"
 
 
 async def run_all(options: argparse.Namespace) -> int:
@@ -659,9 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags of the benchmark and of its child roles."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="role")
-    sim = sub.add_parser("_simulator", help=argparse.SUPPRESS)
-    sim.add_argument("--tasks", type=int, required=True)
-    sim.add_argument("--latency", type=float, required=True)
+    api = sub.add_parser("_api", help=argparse.SUPPRESS)
+    api.add_argument("--tasks", type=int, required=True)
+    api.add_argument("--latency", type=float, required=True)
+    api.add_argument("--api", choices=API_CHOICES, required=True)
     exp = sub.add_parser("_exporter", help=argparse.SUPPRESS)
     exp.add_argument("--url", required=True)
     exp.add_argument("--tasks", type=int, required=True)
@@ -673,6 +711,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small sizes, short phases (< 60 s)")
     parser.add_argument("--sizes", type=parse_sizes, help="task counts (default 10,100,1000,10000)")
     parser.add_argument("--latency", type=float, default=0.02, help="API latency, s (0.02)")
+    parser.add_argument(
+        "--api",
+        choices=API_CHOICES,
+        default="fake",
+        help="the cloud stand-in: fixed answers from bench/fake_api.py (fake), or the full "
+        "simulator, whose own CPU shares the cores (simulator)",
+    )
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -693,8 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, or one of its child roles."""
     args = build_parser().parse_args(argv)
-    if args.role == "_simulator":
-        asyncio.run(serve_simulator(args.tasks, args.latency))
+    if args.role == "_api":
+        asyncio.run(serve_api(args.tasks, args.latency, args.api))
         return 0
     if args.role == "_exporter":
         asyncio.run(run_exporter(args))
