@@ -12,7 +12,8 @@ tables.
 The exporter under test is wired from the daemon's own parts (``daemon.open_session``,
 ``daemon.build_poller``, ``web.create_app``). It first polls every task once to warm up (the first
 round also fetches every task's details), then measures whole rounds of ``poll_all_once`` with no
-scrapes: the wall time of one round against the ideal ``ceil(tasks / concurrency) × latency``, and
+scrapes: the wall time of one round against the ideal ``ceil(tasks / concurrency) × latency`` (and
+against a bare aiohttp client's round of unsigned GETs, the floor on this machine), and
 the process's CPU time per 1,000 polls. Then it serves ``/metrics`` while it keeps polling at the
 steady rate of ``tasks / --interval`` polls a second (so the state changes all the time, as in
 production), and ``--scrapers`` concurrent clients scrape it like Prometheus (OpenMetrics, gzip) for
@@ -355,6 +356,7 @@ class ExporterRow:
 
     tasks: int
     ideal_cycle: float
+    bare_cycle: float  # the same round by a bare aiohttp client: what the API and HTTP cost
     cycles: list[float]
     cpu_seconds: float
     polls: int
@@ -397,11 +399,35 @@ def child_argv(role: str, *args: object) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), role, *(str(a) for a in args)]
 
 
+async def bare_client_round(url: str, tasks: int, concurrency: int) -> float:
+    """Seconds for one round of stats GETs by a plain aiohttp client: no signing, no parsing.
+
+    The floor under the exporter's round on this machine: the latency, the API's answering and
+    HTTP. The first pass opens the connections and is not timed.
+    """
+    from exporter.simulator import DEMO_PROJECT_ID
+
+    urls = [f"{url}/v2/{DEMO_PROJECT_ID}/migration-task/{t}/stats" for t in bench_task_ids(tasks)]
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def fetch(target: str) -> None:
+            async with gate, session.get(target) as response:
+                await response.read()
+
+        await asyncio.gather(*(fetch(target) for target in urls[:concurrency]))
+        started = time.perf_counter()
+        await asyncio.gather(*(fetch(target) for target in urls))
+        return time.perf_counter() - started
+
+
 async def measure_exporter(
     tasks: int, url: str, options: argparse.Namespace, directory: Path
 ) -> ExporterRow:
     """Start the exporter under test, read its rounds, scrape it, stop it."""
     ideal = math.ceil(tasks / options.concurrency) * options.latency
+    bare = await bare_client_round(url, tasks, options.concurrency)
     child = await Child.start(
         "exporter",
         child_argv(
@@ -432,6 +458,7 @@ async def measure_exporter(
     return ExporterRow(
         tasks=tasks,
         ideal_cycle=ideal,
+        bare_cycle=bare,
         cycles=rounds["cycles"],
         cpu_seconds=rounds["cpu_seconds"],
         polls=rounds["polls"],
@@ -551,6 +578,7 @@ def report(
                 "first scrape",
                 "poll round",
                 "ideal",
+                "bare client",
                 "round/ideal",
                 "CPU s/1k polls",
                 "peak RSS",
@@ -570,6 +598,7 @@ def report(
                     ms(row.first_scrape),
                     f"{row.cycle:.3f} s",
                     f"{row.ideal_cycle:.3f} s",
+                    f"{row.bare_cycle:.3f} s",
                     f"{row.cycle / row.ideal_cycle:.2f}",
                     f"{row.cpu_ms_per_poll:.3f}",
                     f"{row.maxrss_kb / 1024:.0f} MB",
