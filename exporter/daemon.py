@@ -159,6 +159,8 @@ class Daemon:
         self.web_config = web_config
         self.state = ExporterState()
         self.session: aiohttp.ClientSession | None = None
+        # Replaced sessions that pollers may still use (after a reload that failed half-way).
+        self._retired_sessions: list[aiohttp.ClientSession] = []
         self._session_targets = 0
         self.poll_loop_restarts = 0
         self._runner: web.AppRunner | None = None
@@ -230,7 +232,9 @@ class Daemon:
         if rebuild_all:
             for each in self.runs.values():
                 await self._stop_polling(each)
-            await self.session.close()
+            # The old session is closed only once every poller has moved off it: should this
+            # reload fail half-way, the pollers it did not replace keep polling on it.
+            self._retired_sessions.append(self.session)
             self.session = open_session(new)
             self._session_targets = len(new.targets)
         wanted = {target.name: target for target in new.targets}
@@ -285,6 +289,8 @@ class Daemon:
                     self._start_polling(run)
             self._start_discovery(run, first_delay=0.0)  # new filters apply at once
         self.runs = {target.name: self.runs[target.name] for target in new.targets}
+        if rebuild_all:  # every poller was rebuilt on the new session
+            await self._close_retired_sessions()
         self._sum_discovery()
         self.state.config_reload_ok = True
         self.state.changed()
@@ -403,6 +409,10 @@ class Daemon:
                 await run.discovery_loop
             run.discovery_loop = None
 
+    async def _close_retired_sessions(self) -> None:
+        while self._retired_sessions:
+            await self._retired_sessions.pop().close()
+
     def _reload_failed(self, problem: str) -> str:
         self.state.config_reload_ok = False
         self.state.config_reload_failures_total += 1
@@ -517,6 +527,7 @@ class Daemon:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self._close_retired_sessions()
         if self.session is not None:
             await self.session.close()
             self.session = None

@@ -161,6 +161,41 @@ async def test_a_bug_while_applying_a_reload_is_a_failed_reload_not_a_500(
     await running.until(lambda m: (m.get("dcs_migration_polls_total", task_id=TASK_A) or 0) > polls)
 
 
+async def test_a_bug_after_the_session_was_replaced_leaves_polling_on_an_open_session(
+    sim_server: SimServer,
+    tmp_path: Path,
+    start_daemon: Callable[[Path], Awaitable[Running]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new concurrency replaces the HTTP session before the pollers are rebuilt; when that
+    rebuild fails, the old pollers go on polling on a session that is still open."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
+    running = await start_daemon(path)
+    await running.until(up())
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("injected while building a client")
+
+    monkeypatch.setattr(exporter.daemon, "build_poller", broken)
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST + "  concurrency: 3\n"))
+    assert (await running.reload())[0] == 400
+    polls = await running.polls()
+    metrics = await running.until(
+        lambda m: (m.get("dcs_migration_polls_total", task_id=TASK_A) or 0) > polls + 2
+    )
+    assert metrics.get("dcs_migration_up", task_id=TASK_A) == 1
+    assert metrics.get("dcs_migration_poll_errors_total", task_id=TASK_A, reason="internal") is None
+
+    monkeypatch.undo()  # the next reload works, and moves every poller to the new session
+    assert (await running.reload())[0] == 200
+    polls = await running.polls()
+    metrics = await running.until(
+        lambda m: (m.get("dcs_migration_polls_total", task_id=TASK_A) or 0) > polls + 2
+    )
+    assert metrics.get("dcs_migration_up", task_id=TASK_A) == 1
+
+
 async def test_reload_rereads_the_password_file(
     sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
 ) -> None:
