@@ -132,6 +132,26 @@ async def test_unreadable_config_file_is_a_failed_reload_not_a_crash(
     assert metrics.get("dcs_migration_up", task_id=TASK_A) == 1
 
 
+async def _daemon_on_task_a(
+    sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
+) -> tuple[Path, Running]:
+    """A daemon polling TASK_A at the FAST settings, once it is up; and its config file."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
+    running = await start_daemon(path)
+    await running.until(up())
+    return path, running
+
+
+def _break_building_pollers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the daemon's next attempt to build a poller raise, as a bug there would."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("injected while building a client")
+
+    monkeypatch.setattr(exporter.daemon, "build_poller", broken)
+
+
 async def test_a_bug_while_applying_a_reload_is_a_failed_reload_not_a_500(
     sim_server: SimServer,
     tmp_path: Path,
@@ -140,15 +160,8 @@ async def test_a_bug_while_applying_a_reload_is_a_failed_reload_not_a_500(
 ) -> None:
     """An exception while switching to a valid new config is answered 400 and counted; the daemon
     keeps serving and polling."""
-    path = tmp_path / "config.yaml"
-    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
-    running = await start_daemon(path)
-    await running.until(up())
-
-    def broken(*args: object, **kwargs: object) -> None:
-        raise ValueError("injected while building a client")
-
-    monkeypatch.setattr(exporter.daemon, "build_poller", broken)
+    path, running = await _daemon_on_task_a(sim_server, tmp_path, start_daemon)
+    _break_building_pollers(monkeypatch)
     path.write_text(config_yaml(sim_server.url, (TASK_A,), "polling:\n  interval: 300ms\n"))
     status, text = await running.reload()
     assert status == 400
@@ -169,15 +182,8 @@ async def test_a_bug_after_the_session_was_replaced_leaves_polling_on_an_open_se
 ) -> None:
     """A new concurrency replaces the HTTP session before the pollers are rebuilt; when that
     rebuild fails, the old pollers go on polling on a session that is still open."""
-    path = tmp_path / "config.yaml"
-    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
-    running = await start_daemon(path)
-    await running.until(up())
-
-    def broken(*args: object, **kwargs: object) -> None:
-        raise ValueError("injected while building a client")
-
-    monkeypatch.setattr(exporter.daemon, "build_poller", broken)
+    path, running = await _daemon_on_task_a(sim_server, tmp_path, start_daemon)
+    _break_building_pollers(monkeypatch)
     path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST + "  concurrency: 3\n"))
     assert (await running.reload())[0] == 400
     polls = await running.polls()
