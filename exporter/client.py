@@ -15,7 +15,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
@@ -219,6 +219,13 @@ class _Answer:
     headers: Mapping[str, str]
     raw: bytes
     content_type: str
+    private: bool = False  # the body may hold secrets (task details): never quote it
+
+    def body_preview(self) -> str:
+        """What a message may say of the body: its start, or only its size when it is private."""
+        if self.private:
+            return f"{len(self.raw)} bytes, not shown: task details can hold Redis passwords"
+        return repr(_text_preview(self.raw))
 
 
 class DcsClient:
@@ -279,7 +286,8 @@ class DcsClient:
         """The task's name, status and instance names; the rest of the body is dropped."""
         with self._scrubbed():
             project = await self.project_id()
-            body = await self._dcs_get(("v2", project, "migration-task", task_id))
+            # The details body carries the Redis passwords of both instances.
+            body = await self._dcs_get(("v2", project, "migration-task", task_id), private=True)
             if not isinstance(body, dict):
                 raise ApiError(ErrorKind.UNEXPECTED_SHAPE, "task details: expected a JSON object")
             return _details_from(body, task_id)
@@ -294,7 +302,7 @@ class DcsClient:
                 query = [("offset", str(offset)), ("limit", str(LIST_PAGE_SIZE))]
                 if name:
                     query.append(("name", name))
-                body = await self._dcs_get(("v2", project, "migration-tasks"), query)
+                body = await self._dcs_get(("v2", project, "migration-tasks"), query, private=True)
                 entries = body.get("migration_tasks") if isinstance(body, dict) else None
                 if not isinstance(entries, list):
                     raise ApiError(ErrorKind.UNEXPECTED_SHAPE, "task list: no migration_tasks list")
@@ -504,12 +512,25 @@ class DcsClient:
 
     # ---- transport ------------------------------------------------------------------------
 
-    async def _dcs_get(self, segments: Sequence[str], query: Sequence[tuple[str, str]] = ()) -> Any:
+    async def _dcs_get(
+        self,
+        segments: Sequence[str],
+        query: Sequence[tuple[str, str]] = (),
+        *,
+        private: bool = False,
+    ) -> Any:
         path = "/".join(encode_segment(segment) for segment in segments)
-        return await self._get_json(f"{self._dcs_base}/{path}", query, project_header=True)
+        return await self._get_json(
+            f"{self._dcs_base}/{path}", query, project_header=True, private=private
+        )
 
     async def _get_json(
-        self, url: str, query: Sequence[tuple[str, str]], *, project_header: bool
+        self,
+        url: str,
+        query: Sequence[tuple[str, str]],
+        *,
+        project_header: bool,
+        private: bool = False,
     ) -> Any:
         """GET with auth, one retry after a token refresh or skew correction, then decode.
 
@@ -533,6 +554,8 @@ class DcsClient:
             signed_with = self._clock_correction
             headers = await self._auth_headers("GET", url, project_header)
             answer = await self._send("GET", url, headers, b"")
+            if private:
+                answer = replace(answer, private=True)
             if 200 <= answer.status < 300:
                 self._throttle.succeeded(sent_at=granted)
                 body = _decode(answer)
@@ -672,9 +695,7 @@ class DcsClient:
             # IAM puts the HTTP status in its "code"; saying it twice helps nobody.
             detail = error.message
         else:
-            detail = (
-                f"content-type {answer.content_type or 'none'}, body {_text_preview(answer.raw)!r}"
-            )
+            detail = f"content-type {answer.content_type or 'none'}, body {answer.body_preview()}"
         request_id = _clip(answer.headers.get("X-Request-Id"), 64) or error.request_id
         server_now = _server_time(answer.headers) or self._wall_clock()
         message = f"{what}: HTTP {status} {detail}{hint}" + (
@@ -743,7 +764,7 @@ def _decode(answer: _Answer) -> Any:
         raise ApiError(
             ErrorKind.INVALID_JSON,
             f"HTTP {answer.status} body is not JSON ({reason}); content-type "
-            f"{answer.content_type or 'none'}, body {_text_preview(answer.raw)!r}",
+            f"{answer.content_type or 'none'}, body {answer.body_preview()}",
             status=answer.status,
         ) from None
 

@@ -716,6 +716,58 @@ async def test_list_tasks_count_as_string(
     assert len(server.seen) == 2
 
 
+_REDIS_PASSWORD = "redis-Passw0rd-in-details"
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, '{"task_name":"t","source_instance":{"password":"%s","addrs":"10.0.0.1:6379"'),
+        (200, '<html>{"source_instance":{"password":"%s"}}</html>'),
+        (500, '<html>{"target_instance":{"password":"%s"}}</html>'),
+    ],
+    ids=["truncated-json", "not-json", "server-error-page"],
+)
+@pytest.mark.parametrize("call_name", ["get_task", "list_tasks"])
+async def test_details_and_list_bodies_are_never_quoted_in_errors(
+    http_session: aiohttp.ClientSession,
+    recorder: Callable[..., Awaitable[Recorder]],
+    status: int,
+    body: str,
+    call_name: str,
+) -> None:
+    """A broken details or list answer is an error that gives the body's size, not its text: those
+    bodies carry the Redis passwords in plaintext (FACTS 1b), and error texts reach the log."""
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=status, text=body % _REDIS_PASSWORD, content_type="text/html")
+
+    server = await recorder(broken)
+    client = client_for(http_session, make_config(server.url), throttle=Throttle(1000.0))
+    call_api = client.get_task(TASK_A) if call_name == "get_task" else client.list_tasks()
+    with pytest.raises(ApiError) as caught:
+        await call_api
+    message = str(caught.value)
+    assert _REDIS_PASSWORD not in message
+    assert f"{len(body % _REDIS_PASSWORD)} bytes, not shown" in message
+    assert f"HTTP {status}" in message
+
+
+async def test_a_broken_stats_body_is_still_quoted(
+    http_session: aiohttp.ClientSession, recorder: Callable[..., Awaitable[Recorder]]
+) -> None:
+    """Stats bodies hold no secrets, so their start stays in the error for diagnosis (C08)."""
+
+    async def truncated(request: web.Request) -> web.Response:
+        return web.Response(text='{"full_migration_progress":"45","offset":"50')
+
+    server = await recorder(truncated)
+    client = client_for(http_session, make_config(server.url), throttle=Throttle(1000.0))
+    error = await call(client)
+    assert isinstance(error, ApiError)
+    assert """'{"full_migration_progress":"45","offset":"50'""" in str(error)
+
+
 # ---- throttle integration ----------------------------------------------------------------------
 
 
