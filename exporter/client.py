@@ -40,7 +40,7 @@ SKEW_LIMIT_SECONDS = 300.0
 LIST_PAGE_SIZE = 100
 MAX_LIST_PAGES = 1000  # a server that ignores ``offset`` must not keep the lister going for ever
 _DELTA_SECONDS = re.compile(r"\s*[0-9]+(?:\.[0-9]+)?\s*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")  # C0, DEL, C1 and Unicode line breaks
 _REDACTED = "<redacted>"
 # A body made of these keys only, with an error_code, is an error even under a 2xx status.
 _ERROR_ONLY_KEYS = frozenset(
@@ -788,7 +788,7 @@ def _details_from(body: dict[str, Any], task_id: str) -> TaskDetails:
     def instance_name(key: str, flat_key: str) -> str:
         nested = body.get(key)
         if isinstance(nested, dict) and isinstance(nested.get("name"), str):
-            return str(nested["name"])
+            return _text(nested["name"])
         return _text(body.get(flat_key))
 
     return TaskDetails(

@@ -716,6 +716,31 @@ async def test_list_tasks_count_as_string(
     assert len(server.seen) == 2
 
 
+async def test_nested_instance_names_are_bounded_display_strings(
+    http_session: aiohttp.ClientSession, recorder: Callable[..., Awaitable[Recorder]]
+) -> None:
+    """Instance names inside source_instance/target_instance get the same one-line, 200-character
+    treatment as the flat fields: they become label values of dcs_migration_task_info."""
+
+    async def details(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "task_name": "t",
+                "source_instance": {"name": "src\n\u2028" + "s" * 500, "password": "x"},
+                "target_instance": {"name": "dst\x1b[31m"},
+            }
+        )
+
+    server = await recorder(details)
+    client = client_for(http_session, make_config(server.url), throttle=Throttle(1000.0))
+    found = await client.get_task(TASK_A)
+    assert found.source_instance_name.startswith("src ")
+    assert len(found.source_instance_name) == 200
+    assert "\n" not in found.source_instance_name and "\u2028" not in found.source_instance_name
+    assert "\x1b" not in found.target_instance_name
+    assert found.target_instance_name.startswith("dst")
+
+
 _REDIS_PASSWORD = "redis-Passw0rd-in-details"
 
 
