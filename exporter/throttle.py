@@ -27,11 +27,24 @@ _MAX_EXPONENT = 63
 
 
 class WaitTooLong(Exception):
-    """``acquire`` would have to wait longer than the caller allows (a long pause is in force)."""
+    """``acquire`` would have to wait longer than the caller allows.
 
-    def __init__(self, wait: float) -> None:
-        super().__init__(f"the project is paused for another {wait:.1f}s after HTTP 429")
+    Either a pause after a 429 is in force, or the rate ceiling has queued more requests than
+    fit in the caller's wait (concurrency too high for ``max_requests_per_second``).
+    """
+
+    def __init__(self, wait: float, *, paused: bool, max_requests_per_second: float) -> None:
+        if paused:
+            why = f"the project is paused for another {wait:.1f}s after HTTP 429"
+        else:
+            why = (
+                f"the request rate ceiling ({max_requests_per_second:g}/s) has no free slot for "
+                f"another {wait:.1f}s; raise polling.max_requests_per_second or lower "
+                "polling.concurrency"
+            )
+        super().__init__(why)
         self.wait = wait
+        self.paused = paused
 
 
 class Throttle:
@@ -87,7 +100,11 @@ class Throttle:
                     self._next_slot = now + self._spacing
                     return now
                 if max_wait is not None and ready - called > max_wait:
-                    raise WaitTooLong(ready - now)
+                    raise WaitTooLong(
+                        ready - now,
+                        paused=self._paused_until >= self._next_slot,
+                        max_requests_per_second=1.0 / self._spacing,
+                    )
                 await self._sleep(ready - now)
 
     def throttled(self, retry_after: float | None, *, sent_at: float | None = None) -> float:

@@ -201,6 +201,24 @@ async def test_max_wait_fails_fast_during_a_long_pause() -> None:
         await throttle.acquire(max_wait=10.0)
     assert caught.value.wait == pytest.approx(60.0)
     assert "60.0s" in str(caught.value)
+    assert caught.value.paused and "after HTTP 429" in str(caught.value)
+    assert time.sleeps == []
+
+
+async def test_max_wait_behind_the_rate_ceiling_says_so() -> None:
+    """A caller that the ceiling alone would keep waiting too long is told it is the ceiling, not
+    a 429 (no 429 came), with the settings that fix it."""
+    time = FakeTime()
+    throttle = make(time, rate=1.0)
+    for _ in range(3):
+        await throttle.acquire()  # 1 s apart; the next free slot is 1 s away
+    time.sleeps.clear()
+    with pytest.raises(WaitTooLong) as caught:
+        await throttle.acquire(max_wait=0.5)
+    assert not caught.value.paused
+    message = str(caught.value)
+    assert "429" not in message
+    assert "rate ceiling (1/s)" in message and "max_requests_per_second" in message
     assert time.sleeps == []
 
 
