@@ -29,6 +29,7 @@ import random
 import secrets
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -916,22 +917,28 @@ def demo_simulator(clock: Callable[[], float] = time.time) -> Simulator:
 
 
 async def start(
-    sim: Simulator, host: str = "127.0.0.1", port: int = 0
+    sim: Simulator,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, str]:
-    """Serve ``sim`` on host:port (0 = any free port); returns the runner and ``http://HOST:PORT``.
+    """Serve ``sim`` on host:port (0 = any free port); returns the runner and ``http://HOST:PORT``
+    (``https://`` with ``ssl_context``, as the real API is served).
 
     Stop it with ``await runner.cleanup()``.
     """
     runner = web.AppRunner(sim.app(), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     except BaseException:
         await runner.cleanup()
         raise
     bound_port = runner.addresses[0][1]
     shown = f"[{host}]" if ":" in host else host
-    return runner, f"http://{shown}:{bound_port}"
+    scheme = "https" if ssl_context is not None else "http"
+    return runner, f"{scheme}://{shown}:{bound_port}"
 
 
 def _parse_listen(value: str) -> tuple[str, int]:

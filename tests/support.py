@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import secrets
+import ssl
+import subprocess
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -87,9 +90,9 @@ class SimServer:
 
 
 @asynccontextmanager
-async def serving(sim: Simulator) -> AsyncIterator[str]:
-    """Serve ``sim`` on loopback for the block; yields its base URL."""
-    runner, url = await start(sim)
+async def serving(sim: Simulator, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+    """Serve ``sim`` on loopback for the block (over TLS with ``ssl_context``); yields its URL."""
+    runner, url = await start(sim, ssl_context=ssl_context)
     try:
         yield url
     finally:
@@ -179,3 +182,41 @@ def basic_auth_web_config(directory: Path, user: str, password: str) -> WebConfi
     path = directory / "web.yml"
     path.write_text(f"basic_auth_users:\n  {user}: '{hashed}'\n")
     return load_web_config(str(path))
+
+
+# ---- throwaway certificates (openssl CLI) -------------------------------------------------------
+
+
+def run_openssl(cwd: Path, *args: str) -> None:
+    """Run the openssl CLI in ``cwd``; a failure raises with its output."""
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_test_ca(cwd: Path, name: str) -> None:
+    """A throwaway EC CA, ``name``.crt and ``name``.key in ``cwd``, valid for two days."""
+    run_openssl(
+        cwd,
+        *("req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+        *("-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt", "-subj", f"/CN={name}"),
+        *("-days", "2", "-addext", "basicConstraints=critical,CA:TRUE"),
+        *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),
+    )
+
+
+def make_test_leaf(cwd: Path, ca: str, name: str, extensions: str) -> None:
+    """A certificate ``name``.crt/.key signed by the CA ``ca``, with extra x509v3 ``extensions``."""
+    (cwd / f"{name}.ext").write_text(
+        "basicConstraints=CA:FALSE\nsubjectKeyIdentifier=hash\n"
+        f"authorityKeyIdentifier=keyid\n{extensions}\n"
+    )
+    run_openssl(
+        cwd,
+        *("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
+        *("-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}"),
+    )
+    run_openssl(
+        cwd,
+        *("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key"),
+        *("-set_serial", str(secrets.randbits(63)), "-days", "2", "-out", f"{name}.crt"),
+        *("-extfile", f"{name}.ext"),
+    )

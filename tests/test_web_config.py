@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import secrets
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from exporter.web_config import WebConfig, WebConfigError, auth_middleware, load_web_config
-from tests.support import basic_auth
+from tests.support import basic_auth, make_test_ca, make_test_leaf, run_openssl
 
 PASSWORD = "correct horse battery staple"
 # Cost 4 (the minimum) keeps the tests fast; the code path is the same as for cost 10.
@@ -41,47 +39,15 @@ class Pki:
     stranger_key: Path
 
 
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _make_ca(cwd: Path, name: str) -> None:
-    _openssl(
-        cwd,
-        *("req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
-        *("-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt", "-subj", f"/CN={name}"),
-        *("-days", "2", "-addext", "basicConstraints=critical,CA:TRUE"),
-        *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),
-    )
-
-
-def _make_leaf(cwd: Path, ca: str, name: str, extensions: str) -> None:
-    (cwd / f"{name}.ext").write_text(
-        "basicConstraints=CA:FALSE\nsubjectKeyIdentifier=hash\n"
-        f"authorityKeyIdentifier=keyid\n{extensions}\n"
-    )
-    _openssl(
-        cwd,
-        *("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
-        *("-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}"),
-    )
-    _openssl(
-        cwd,
-        *("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key"),
-        *("-set_serial", str(secrets.randbits(63)), "-days", "2", "-out", f"{name}.crt"),
-        *("-extfile", f"{name}.ext"),
-    )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """Generate the CA, server and client certificates once per module with the openssl CLI."""
     d = tmp_path_factory.mktemp("pki")
-    _make_ca(d, "ca")
-    _make_ca(d, "other-ca")
-    _make_leaf(d, "ca", "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth")
-    _make_leaf(d, "ca", "client", "extendedKeyUsage=clientAuth")
-    _make_leaf(d, "other-ca", "stranger", "extendedKeyUsage=clientAuth")
+    make_test_ca(d, "ca")
+    make_test_ca(d, "other-ca")
+    make_test_leaf(d, "ca", "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth")
+    make_test_leaf(d, "ca", "client", "extendedKeyUsage=clientAuth")
+    make_test_leaf(d, "other-ca", "stranger", "extendedKeyUsage=clientAuth")
     return Pki(
         dir=d,
         ca=d / "ca.crt",
@@ -274,7 +240,7 @@ def test_certificate_as_key_names_key_file(tmp_path: Path, pki: Pki) -> None:
 def test_encrypted_key_is_refused_without_prompting(tmp_path: Path, pki: Pki) -> None:
     """An encrypted key fails with an error instead of OpenSSL prompting for a passphrase."""
     encrypted = tmp_path / "encrypted.key"
-    _openssl(
+    run_openssl(
         tmp_path,
         *("pkey", "-in", str(pki.server_key), "-aes256", "-passout", "pass:secret"),
         *("-out", str(encrypted)),
