@@ -9,7 +9,7 @@ test; ``--api simulator`` uses the full simulator instead, which checks every si
 process under test, and this one, which drives the scrapes (an aiohttp client loop) and prints the
 tables.
 
-The exporter under test is wired from the daemon's own parts (``daemon.open_session``,
+The exporter under test is wired from the daemon's own parts (``session.open_session``,
 ``daemon.build_poller``, ``web.create_app``). It first polls every task once to warm up (the first
 round also fetches every task's details), then measures whole rounds of ``poll_all_once`` with no
 scrapes: the wall time of one round against the ideal ``ceil(tasks / concurrency) × latency`` (and
@@ -163,7 +163,8 @@ async def run_exporter(args: argparse.Namespace) -> None:
     from aiohttp import web
 
     from exporter.config import AkSkAuth, CloudConfig, Config, PollingConfig, Secret, TaskConfig
-    from exporter.daemon import build_poller, open_session
+    from exporter.daemon import build_poller
+    from exporter.session import open_session
     from exporter.simulator import DEMO_ACCESS_KEY, DEMO_PROJECT_ID, DEMO_SECRET_KEY
     from exporter.state import ExporterState
     from exporter.web import create_app

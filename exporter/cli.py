@@ -20,10 +20,11 @@ from exporter.config import (
     TaskConfig,
     load_config,
 )
-from exporter.daemon import Daemon, build_poller, open_session
+from exporter.daemon import Daemon, build_poller
 from exporter.discovery import merge, select
 from exporter.logs import LEVELS, setup_logging
 from exporter.poller import Poller
+from exporter.session import open_session
 from exporter.sharding import Shard, parse_shard
 from exporter.state import ExporterState
 from exporter.web import MetricsRenderer

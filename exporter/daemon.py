@@ -11,21 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from aiohttp.helpers import get_env_proxy_for_url
-from yarl import URL
 
 from exporter.client import DcsClient, TaskDetails
 from exporter.config import AkSkAuth, Auth, Config, ConfigError, Target, TaskConfig
 from exporter.discovery import Discovery, merge
 from exporter.poller import Poller
+from exporter.session import open_session, session_key
 from exporter.sharding import Shard
 from exporter.state import ExporterState
 from exporter.throttle import Throttle
@@ -42,49 +39,6 @@ RESTART_DELAY_SECONDS = 1.0
 def max_cycle_age(config: Config) -> float:
     """How long a polling round may take before the daemon counts as stuck."""
     return max(3 * config.polling.interval, config.polling.interval + 2 * config.polling.timeout)
-
-
-def warn_about_proxy() -> None:
-    """Say which proxy the client will use; aiohttp reads HTTPS_PROXY/NO_PROXY from the environment."""
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-        value = os.environ.get(name)
-        if value:
-            parts = urlsplit(value)
-            log.info("using proxy %s://%s from %s", parts.scheme, parts.hostname, name)
-            return
-
-
-def _env_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
-    """The proxy (and its credentials) that HTTPS_PROXY/NO_PROXY give for ``url``, if any."""
-    try:
-        return get_env_proxy_for_url(URL(url))
-    except LookupError:
-        return None, None
-
-
-def _session_key(config: Config) -> tuple[frozenset[str], int]:
-    """What the HTTP session depends on: the endpoints (its proxy choice) and the pool size."""
-    endpoints = {
-        url
-        for target in config.targets
-        for url in (target.cloud.dcs_endpoint, target.cloud.iam_endpoint)
-    }
-    return frozenset(endpoints), config.polling.concurrency
-
-
-def open_session(config: Config) -> aiohttp.ClientSession:
-    """One HTTP session for the process and every target: pooled connections, proxy from the env."""
-    endpoints, concurrency = _session_key(config)
-    # Each target's poller runs up to ``concurrency`` polls at once.
-    connector = aiohttp.TCPConnector(limit=max(4, concurrency * 2) * len(config.targets))
-    # trust_env=True makes aiohttp look up the proxy and ~/.netrc in a worker thread on every
-    # request, about half the CPU of a poll; the proxy is decided once here instead.
-    proxies = {_env_proxy(url) for url in endpoints}
-    if len(proxies) == 1:
-        proxy, proxy_auth = proxies.pop()
-        return aiohttp.ClientSession(connector=connector, proxy=proxy, proxy_auth=proxy_auth)
-    # NO_PROXY covers one endpoint but not the other: let aiohttp decide per request.
-    return aiohttp.ClientSession(connector=connector, trust_env=True)
 
 
 def build_poller(
@@ -220,7 +174,7 @@ class Daemon:
         assert self.session is not None
         for each in self.runs.values():
             await self._stop_discovery(each)
-        (old_urls, old_concurrency), (new_urls, new_concurrency) = map(_session_key, (old, new))
+        (old_urls, old_concurrency), (new_urls, new_concurrency) = map(session_key, (old, new))
         # The session's proxy choice depends on the endpoints and its pool size on the
         # concurrency and the number of targets. A new endpoint, or a larger pool, needs a new
         # session and so every client goes; a removed target alone does not.
@@ -458,7 +412,6 @@ class Daemon:
 
     async def start(self, host: str | None, port: int) -> None:
         """Open the session, start the web server and the background polling of every target."""
-        warn_about_proxy()
         self.session = open_session(self.config)
         self._session_targets = len(self.config.targets)  # the pool is sized for these
         for target in self.config.targets:

@@ -350,7 +350,8 @@ class CloudSource:
     """Polls the cloud directly through the exporter's client, once per fetch."""
 
     def __init__(self, config: Config, name: str) -> None:
-        from exporter.daemon import build_poller, open_session
+        from exporter.daemon import build_poller
+        from exporter.session import open_session
 
         self.name = name
         self.state = ExporterState()

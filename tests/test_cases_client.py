@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import re
+import ssl
+import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,7 +24,13 @@ from aiohttp import web
 
 from exporter.client import ApiError, DcsClient, ErrorKind
 from exporter.config import AkSkAuth, Secret
-from exporter.simulator import DEMO_ACCESS_KEY, CannedResponse, RequestRecord, Simulator
+from exporter.simulator import (
+    DEMO_ACCESS_KEY,
+    DEMO_PASSWORD,
+    CannedResponse,
+    RequestRecord,
+    Simulator,
+)
 from exporter.stats import StatsRecord, UnexpectedShape, parse_stats
 from exporter.throttle import Throttle
 from tests.support import (
@@ -32,8 +42,11 @@ from tests.support import (
     TASK_B,
     TASK_C,
     SimServer,
+    config_yaml,
     make_client,
     make_config,
+    make_test_ca,
+    make_test_leaf,
     serving,
 )
 from tests.test_client import FakeClock, client_for, password_config, recorders
@@ -350,17 +363,27 @@ async def test_c12_server_never_answers(
 
 
 class ForwardProxy:
-    """A minimal HTTP forward proxy on loopback that logs each request line it relays."""
+    """A minimal HTTP forward proxy on loopback that logs each request line it relays.
 
-    def __init__(self) -> None:
+    Absolute-form requests (``GET http://host/path``) are relayed; ``CONNECT host:port`` opens a
+    tunnel, to ``hosts[host]`` when the name is mapped (names like ``dcs.test`` resolve only
+    here, as a cloud endpoint resolves only behind a corporate proxy). With ``ssl_context`` the
+    proxy itself speaks TLS (an ``https://`` proxy).
+    """
+
+    def __init__(
+        self, hosts: dict[str, str] | None = None, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.request_lines: list[str] = []
         self.server: asyncio.Server | None = None
         self.url = ""
+        self._hosts = hosts or {}
+        self._ssl = ssl_context
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._ssl)
         port = self.server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if self._ssl else 'http'}://127.0.0.1:{port}"
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -383,6 +406,9 @@ class ForwardProxy:
                 if name.lower() == "content-length":
                     length = int(value)
                 headers.append(line.rstrip("\r\n"))
+            if method == "CONNECT":
+                await self._tunnel(target, reader, writer)
+                return
             body = await reader.readexactly(length) if length else b""
             parts = urlsplit(target)
             up_reader, up_writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
@@ -395,6 +421,26 @@ class ForwardProxy:
             up_writer.close()
         finally:
             writer.close()
+
+    async def _tunnel(
+        self, target: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        host, _, port = target.rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(self._hosts.get(host, host), int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, ssl.SSLError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
 @pytest.fixture
@@ -435,6 +481,111 @@ async def test_c15_proxy_from_environment(
     ]
     assert sim_server.sim.token_requests == 1
     assert sim_server.sim.requests[0].path == "/v3/auth/tokens"
+
+
+@dataclass(frozen=True)
+class ProxyPki:
+    """A throwaway CA and one certificate for the API's names and the proxy's address."""
+
+    ca: Path
+    context: ssl.SSLContext  # server side, for the simulator and the TLS proxy
+
+
+@pytest.fixture(scope="module")
+def proxy_pki(tmp_path_factory: pytest.TempPathFactory) -> ProxyPki:
+    directory = tmp_path_factory.mktemp("proxy-pki")
+    make_test_ca(directory, "ca")
+    names = "subjectAltName=DNS:dcs.test,DNS:localhost,IP:127.0.0.1"
+    make_test_leaf(directory, "ca", "server", f"{names}\nextendedKeyUsage=serverAuth")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "server.crt", directory / "server.key")
+    return ProxyPki(directory / "ca.crt", context)
+
+
+async def run_once_through_proxy(
+    proxy_pki: ProxyPki, tmp_path: Path, proxy: ForwardProxy, no_proxy: str
+) -> tuple[int, str, str, int, int]:
+    """Run ``--once`` (a subprocess, as a user would) against a TLS simulator whose DCS name,
+    dcs.test, only the proxy resolves; IAM is ``localhost``. HTTPS_PROXY is the proxy and
+    NO_PROXY is ``no_proxy``. Returns exit code, stdout, stderr, the port, and the simulator's
+    token requests."""
+    sim = Simulator(project_id=PROJ)
+    for task_id in (TASK_A, TASK_B):
+        sim.add_task(task_id, task_id[-1], body=dict(BASELINE_BODY))
+    password = tmp_path / "password"
+    password.write_text(DEMO_PASSWORD)
+    await proxy.start()
+    try:
+        async with serving(sim, ssl_context=proxy_pki.context) as url:
+            port = urlsplit(url).port
+            assert port is not None
+            config = config_yaml(f"https://dcs.test:{port}", password_file=password)
+            config = config.replace(
+                f"iam_endpoint: https://dcs.test:{port}/v3",
+                f"iam_endpoint: https://localhost:{port}/v3",
+            )
+            (tmp_path / "config.yaml").write_text(config)
+            env = {
+                name: value
+                for name, value in os.environ.items()
+                if name.lower() not in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+            }
+            env.update(HTTPS_PROXY=proxy.url, NO_PROXY=no_proxy, SSL_CERT_FILE=str(proxy_pki.ca))
+            daemon = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "exporter", "--once"),
+                *("--config.file", str(tmp_path / "config.yaml")),
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            stdout, stderr = await asyncio.wait_for(daemon.communicate(), timeout=60)
+    finally:
+        await proxy.stop()
+    assert daemon.returncode is not None
+    return daemon.returncode, stdout.decode(), stderr.decode(), port, sim.token_requests
+
+
+@pytest.mark.parametrize("no_proxy", ["localhost", ""], ids=["iam-in-no-proxy", "all-proxied"])
+async def test_c15_daemon_tunnels_https_through_the_environment_proxy(
+    proxy_pki: ProxyPki, tmp_path: Path, no_proxy: str
+) -> None:
+    """C15 as a user runs it: with HTTPS_PROXY set, the exporter reaches an https DCS endpoint
+    that only the proxy can resolve through ``CONNECT dcs.test:PORT`` and polls every task; IAM,
+    when NO_PROXY names it, goes direct. The log says which way each endpoint goes."""
+    proxy = ForwardProxy(hosts={"dcs.test": "127.0.0.1"})
+    code, stdout, stderr, port, token_requests = await run_once_through_proxy(
+        proxy_pki, tmp_path, proxy, no_proxy
+    )
+    assert code == 0, stderr
+    for task_id in (TASK_A, TASK_B):
+        assert f'dcs_migration_up{{task_id="{task_id}"}} 1.0' in stdout
+    dcs_tunnel = f"CONNECT dcs.test:{port} HTTP/1.1"
+    iam_tunnel = f"CONNECT localhost:{port} HTTP/1.1"
+    assert set(proxy.request_lines) == ({dcs_tunnel} if no_proxy else {dcs_tunnel, iam_tunnel})
+    assert token_requests == 1
+    assert f"https://dcs.test:{port}: through the proxy {proxy.url} (HTTPS_PROXY)" in stderr
+    if no_proxy:
+        assert f"https://localhost:{port}: direct (NO_PROXY)" in stderr
+
+
+async def test_c15_https_proxy_is_named_in_a_warning_not_skipped_silently(
+    proxy_pki: ProxyPki, tmp_path: Path
+) -> None:
+    """C15 variant, HTTPS_PROXY=https://...: the HTTP client cannot speak TLS to a proxy, so
+    the exporter warns, per endpoint, that requests go direct and how to fix the variable; here
+    direct egress cannot resolve dcs.test, so the polls fail and --once exits 1."""
+    proxy = ForwardProxy(hosts={"dcs.test": "127.0.0.1"}, ssl_context=proxy_pki.context)
+    code, stdout, stderr, port, _ = await run_once_through_proxy(
+        proxy_pki, tmp_path, proxy, "localhost"
+    )
+    assert code == 1
+    proxy_port = urlsplit(proxy.url).port
+    warning = next(line for line in stderr.splitlines() if "level=warn" in line and "PROXY" in line)
+    assert f"https://dcs.test:{port}: HTTPS_PROXY is https://127.0.0.1:{proxy_port}" in warning
+    assert "go DIRECT" in warning
+    assert f"HTTPS_PROXY=http://127.0.0.1:{proxy_port}" in warning
+    assert proxy.request_lines == []
+    assert 'dcs_migration_up{task_id="' + TASK_A + '"} 0.0' in stdout
 
 
 # ---- C16 ------------------------------------------------------------------------------------

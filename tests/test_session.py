@@ -1,7 +1,8 @@
-"""Tests for daemon.open_session: the proxy from the environment, decided once per process."""
+"""Tests for session.open_session: the proxy from the environment, decided once per process."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -9,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from exporter.daemon import open_session
+from exporter.session import describe_route, open_session
 from tests.support import SimServer, make_config
 
 
@@ -75,3 +76,16 @@ async def test_endpoints_with_different_proxies_fall_back_to_per_request_lookup(
     config = replace(config, cloud=replace(config.cloud, iam_endpoint="http://iam.invalid/v3"))
     async with open_session(config) as session:
         assert session.trust_env
+
+
+def test_the_route_line_never_shows_proxy_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy URL with user:password in it is shown as scheme://host:port only, in the info line
+    and in the warning for an https:// proxy."""
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for scheme, level in (("http", logging.INFO), ("https", logging.WARNING)):
+        monkeypatch.setenv("HTTPS_PROXY", f"{scheme}://alice:pr0xy-Secret@proxy.corp:3128")
+        got_level, line = describe_route("https://dcs.eu-de.otc.t-systems.com")
+        assert got_level == level
+        assert "pr0xy-Secret" not in line and "alice" not in line
+        assert f"{scheme}://proxy.corp:3128" in line
