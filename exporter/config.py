@@ -33,7 +33,9 @@ from exporter.yamlnodes import (
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Whole-value patterns are used with fullmatch: ``$`` would also match before a final newline.
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_PROJECT_ID = re.compile(r"[0-9a-fA-F]{32}")
 # An http(s) origin plus an optional path: no spaces, query, fragment or user:password@.
 MIN_DURATION_SECONDS = 0.1
 MAX_DURATION_SECONDS = 7 * 86400.0
@@ -203,6 +205,16 @@ class Config:
     def all_tasks(self) -> tuple[TaskConfig, ...]:
         """The configured tasks of every target (IDs are unique across targets)."""
         return tuple(task for target in self.targets for task in target.tasks)
+
+
+def is_task_id(value: object) -> bool:
+    """Whether ``value`` is a task ID: a string of 1 to 128 letters, digits and ``_.-``, no more."""
+    return isinstance(value, str) and _TASK_ID.fullmatch(value) is not None
+
+
+def is_project_id(value: object) -> bool:
+    """Whether ``value`` is a project ID as IAM issues them: 32 hex digits."""
+    return isinstance(value, str) and _PROJECT_ID.fullmatch(value) is not None
 
 
 def parse_duration(text: str) -> float | None:
@@ -489,13 +501,13 @@ def _read_cloud(node: Node | None, root: Node, problems: Problems) -> CloudConfi
     region_node = items.get("region")
     region = _required_string(items, "region", node, "cloud.region", problems)
     project_id = _optional_string(items.get("project_id"), "cloud.project_id", problems)
-    if project_id is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", project_id):
+    if project_id is not None and not is_project_id(project_id):
         problems.add("cloud.project_id", items.get("project_id"), "must be 32 hex digits")
     project_name = _optional_string(items.get("project_name"), "cloud.project_name", problems)
     dcs = _url(items.get("dcs_endpoint"), "cloud.dcs_endpoint", problems)
     iam = _url(items.get("iam_endpoint"), "cloud.iam_endpoint", problems)
     # Catch the two path mistakes that otherwise only show as 404s at run time.
-    if dcs is not None and re.search(r"/v\d+$", dcs):
+    if dcs is not None and re.search(r"/v\d+\Z", dcs):
         problems.add(
             "cloud.dcs_endpoint",
             items.get("dcs_endpoint"),
@@ -728,7 +740,7 @@ def _read_tasks(
         name = _optional_string(items.get("name"), f"{path}.name", problems)
         if task_id is None or id_node is None:
             continue
-        if not _TASK_ID.match(task_id):
+        if not is_task_id(task_id):
             problems.add(f"{path}.id", id_node, f"{shorten(task_id)!r} is not a task ID")
             continue
         line = id_node.start_mark.line + 1

@@ -7,6 +7,8 @@ statuses, the migration types), and merges them with the configured ``tasks``: a
 its configured entry, so a configured name wins. A task that is no longer listed, or no longer
 matches, is dropped at the next refresh, and the poller drops its series with it. A failed listing
 keeps the previous result: an API hiccup must not make every discovered task's series vanish.
+A listed ``task_id`` that is not a task ID by the rule of configured ones (``config.is_task_id``)
+is skipped with one warning per listing: it would become a label value and a request path.
 
 Sharding (exporter.sharding) applies to the merged list, so each replica lists the whole project
 and keeps its share.
@@ -21,7 +23,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from exporter.client import ApiError, TaskDetails
-from exporter.config import DiscoveryConfig, TaskConfig
+from exporter.config import DiscoveryConfig, TaskConfig, is_task_id
+from exporter.yamlnodes import shorten
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +44,27 @@ def matches(task: TaskDetails, config: DiscoveryConfig) -> bool:
 
 
 def select(found: Iterable[TaskDetails], config: DiscoveryConfig) -> tuple[TaskConfig, ...]:
-    """The listed tasks that match, as task entries without a configured name, in list order."""
+    """The listed tasks that match, as task entries without a configured name, in list order.
+
+    Entries whose ID is not a task ID are skipped, with one warning showing the first of them.
+    """
     seen: set[str] = set()
     selected: list[TaskConfig] = []
+    skipped: list[object] = []  # typed str, but checked as any JSON value the list API may send
     for task in found:
+        if not is_task_id(task.task_id):
+            skipped.append(task.task_id)
+            continue
         key = task.task_id.lower()
         if key not in seen and matches(task, config):
             seen.add(key)
             selected.append(TaskConfig(id=task.task_id))
+    if skipped:
+        log.warning(
+            "discovery: skipped %d listed tasks whose task_id is not a task ID, such as %s",
+            len(skipped),
+            ascii(shorten(str(skipped[0]))),  # cut, then escaped: one short printable line
+        )
     return tuple(selected)
 
 

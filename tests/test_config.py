@@ -12,6 +12,7 @@ from exporter.config import (
     AkSkAuth,
     ConfigError,
     PasswordAuth,
+    is_task_id,
     load_config,
     parse_config,
     parse_duration,
@@ -248,6 +249,54 @@ def test_task_id_with_path_characters_is_refused() -> None:
     """A task ID cannot carry slashes or spaces that would change the request path."""
     (line,) = problems_of(config(CLOUD, AKSK, 'tasks:\n  - id: "../x y"\n'))
     assert located(line)[2:] == ("tasks[0].id", "'../x y' is not a task ID")
+
+
+def test_task_id_with_a_trailing_newline_is_refused_not_taken_for_its_twin() -> None:
+    """An ID with a final newline is refused at its own line, not accepted beside the same ID."""
+    (line,) = problems_of(config(CLOUD, AKSK, 'tasks:\n  - id: "ok-xN1\\n"\n  - id: "ok-xN1"\n'))
+    assert located(line) == (8, 9, "tasks[0].id", "'ok-xN1\\n' is not a task ID")
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("ok-xN1", True),
+        ("12345", True),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("ok-xN1\n", False),
+        ("\nok-xN1", False),
+        ("ok-xN1\n\n", False),
+        ("", False),
+        ("-ok", False),
+        (12345, False),
+        ({"a": 1}, False),
+        (None, False),
+    ],
+)
+def test_is_task_id_checks_the_whole_value(value: object, valid: bool) -> None:
+    """is_task_id accepts only a whole string of ID characters: no final newline, no non-string."""
+    assert is_task_id(value) is valid
+
+
+@pytest.mark.parametrize(
+    ("cloud", "line", "path", "message"),
+    [
+        (f'  project_id: "{PROJECT}\\n"\n', 3, "cloud.project_id", "must be 32 hex digits"),
+        ('  dcs_endpoint: "https://d.test\\n"\n', 3, "cloud.dcs_endpoint", "an http(s) URL"),
+        ('  dcs_endpoint: "https://d.test/v2\\n"\n', 3, "cloud.dcs_endpoint", "an http(s) URL"),
+        ('  region: "eu-de\\n"\n', 2, "cloud.region", "unknown region 'eu-de\\n'"),
+    ],
+)
+def test_other_whole_values_refuse_a_trailing_newline(
+    cloud: str, line: int, path: str, message: str
+) -> None:
+    """A project ID, endpoint or region with a final newline is refused, naming key and line."""
+    region = "" if "region" in cloud else "  region: eu-de\n"
+    (problem,) = problems_of(config("cloud:\n" + region + cloud, AKSK, TASKS))
+    number, _, where, text = located(problem)
+    assert (number, where) == (line, path)
+    assert message in text
 
 
 # ---- secrets --------------------------------------------------------------------------------

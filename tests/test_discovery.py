@@ -3,12 +3,14 @@ simulator's list API, tasks appearing and vanishing, and three shards sharing di
 
 from __future__ import annotations
 
+import logging
 import textwrap
 import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from exporter.cli import run_once
 from exporter.client import ApiError, ErrorKind, TaskDetails
@@ -18,9 +20,11 @@ from exporter.discovery import Discovery, matches, merge, select
 from exporter.sharding import Shard, shard_of
 from exporter.simulator import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
 from exporter.web import MetricsRenderer
-from tests.support import BASELINE_BODY, PROJ, SimServer, make_client, make_config
+from tests.support import BASELINE_BODY, PROJ, Clients, SimServer, make_client, make_config
 
 IDS = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"discovery-test/{n}")) for n in range(250)]
+# task_id values a list API might send that must not become label values or request paths.
+BAD_IDS: list[object] = ["ok-xD2\n\u001b[31m", "ok-x" + "L" * 3000, {"a": 1}, "ok-x\n"]
 HEAD = f"""\
 cloud:
   region: eu-de
@@ -82,6 +86,26 @@ def test_select_drops_repeated_ids() -> None:
     """A task listed twice (pages shifting while listed) is watched once."""
     listed = [details("A1", "x"), details("a1", "x"), details("b2", "y")]
     assert select(listed, DiscoveryConfig()) == (TaskConfig("A1"), TaskConfig("b2"))
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings discovery logged, as their messages."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "exporter.discovery" and r.levelno == logging.WARNING
+    ]
+
+
+def test_select_skips_ids_that_are_not_task_ids(caplog: pytest.LogCaptureFixture) -> None:
+    """Listed IDs that fail the config's ID rule are skipped with one short, escaped warning."""
+    listed = [details("ok-xD2\n\u001b[31m", "x"), details("good-1", "x")]
+    listed += [details("ok-x" + "L" * 3000, "x"), details("good-2", "x")]
+    with caplog.at_level(logging.WARNING, logger="exporter.discovery"):
+        assert select(listed, DiscoveryConfig()) == (TaskConfig("good-1"), TaskConfig("good-2"))
+    (warning,) = warnings_of(caplog)
+    assert "skipped 2 listed tasks" in warning and "'ok-xD2\\n\\x1b[31m'" in warning
+    assert warning.isprintable() and len(warning) < 200
 
 
 def test_configured_entries_win_over_discovered_ones() -> None:
@@ -150,6 +174,32 @@ async def test_refresh_reads_every_page(
     assert len(changes) == 1
     pages = [r for r in sim_server.sim.requests if r.path.endswith("/migration-tasks")]
     assert len(pages) == 3
+
+
+async def test_bad_ids_from_the_list_api_are_skipped_once_per_listing(
+    clients: Clients, http_session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A list API sending control characters, a huge string or an object as task_id: those
+    entries are skipped, the good ones kept, and each listing logs one bounded warning."""
+    entries = [{"task_id": value, "task_name": "x"} for value in [*BAD_IDS, "good-1", 12345]]
+
+    async def page(request: web.Request) -> web.Response:
+        shown = entries if request.query["offset"] == "0" else []
+        return web.json_response({"count": len(entries), "migration_tasks": shown})
+
+    app = web.Application()
+    app.router.add_get(f"/v2/{PROJ}/migration-tasks", page)
+    server = await clients(app)
+    client = make_client(http_session, make_config(f"http://{server.host}:{server.port}"))
+    discovery = Discovery(DiscoveryConfig(), client.list_tasks, lambda found: None)
+    with caplog.at_level(logging.WARNING, logger="exporter.discovery"):
+        assert await discovery.refresh() and await discovery.refresh()
+    # The client turns the JSON number into "12345", a valid ID shape, so it is kept.
+    assert discovery.found == (TaskConfig("good-1"), TaskConfig("12345"))
+    assert discovery.listed == len(entries)
+    warnings = warnings_of(caplog)
+    assert len(warnings) == 2 and all(f"skipped {len(BAD_IDS)} " in w for w in warnings)
+    assert all(w.isprintable() and len(w) < 200 for w in warnings)
 
 
 async def test_failed_listing_keeps_the_last_result() -> None:
