@@ -39,8 +39,8 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import os
-import re
 import secrets
 import ssl
 from collections.abc import Mapping
@@ -57,6 +57,8 @@ from aiohttp.typedefs import Handler, Middleware
 from exporter.yamlnodes import compose
 
 __all__ = ["WebConfig", "WebConfigError", "auth_middleware", "load_web_config"]
+
+log = logging.getLogger(__name__)
 
 REALM = "dcs-migration-exporter"
 
@@ -111,7 +113,10 @@ _HEADERS: Mapping[str, frozenset[str] | None] = {
     "Strict-Transport-Security": None,
 }
 
-_BCRYPT_RE = re.compile(rb"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
+_BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+_BCRYPT_COSTS = range(4, 32)  # the costs the bcrypt library accepts; others raise "Invalid salt"
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_NOT_BCRYPT = "not a bcrypt hash ($2a$, $2b$ or $2y$)"
 _BCRYPT_MAX_PASSWORD = 72  # bcrypt ignores (bcrypt 5: rejects) bytes beyond this
 
 
@@ -358,12 +363,43 @@ def _users(doc: _Doc, value: object) -> dict[str, bytes]:
         if not user or ":" in user:
             doc.fail(keys, "a user name must be non-empty and without ':'")
         # Never echo the value: it is a secret in the toolkit format.
-        if not isinstance(hashed, str) or not _BCRYPT_RE.match(hashed.encode()):
-            doc.fail(keys, "not a bcrypt hash ($2a$, $2b$ or $2y$)")
+        if not isinstance(hashed, str):
+            doc.fail(keys, _NOT_BCRYPT)
+        problem = _bcrypt_problem(hashed)
+        if problem is not None:
+            doc.fail(keys, problem)
         # The bcrypt library only takes $2b$; $2a$ and $2y$ (htpasswd) are the same algorithm for
         # passwords of at most 72 bytes, the only ones we check.
         users[user] = b"$2b$" + hashed.encode()[4:]
     return users
+
+
+def _bcrypt_problem(hashed: str) -> str | None:
+    """What makes ``hashed`` unusable by bcrypt, or None; the words never quote the value, which
+    is a secret in the toolkit format.
+
+    Everything bcrypt refuses at login (``ValueError: Invalid salt``) is refused here, at load,
+    plus a corrupt checksum, which bcrypt takes but no password can ever match.
+    """
+    if not hashed.startswith(_BCRYPT_PREFIXES):
+        return _NOT_BCRYPT
+    cost, sep, rest = hashed[4:].partition("$")
+    if not sep or len(cost) != 2 or not (cost.isascii() and cost.isdigit()):
+        return "not a bcrypt hash: no two-digit cost after the prefix"
+    if int(cost) not in _BCRYPT_COSTS:
+        return f"bcrypt cost {cost} is outside 04..31"
+    if len(rest) != 53:
+        return f"bcrypt hash has {len(hashed)} characters, not 60 (truncated or pasted twice?)"
+    for i, c in enumerate(rest):
+        if c not in _BCRYPT_ALPHABET:
+            return f"bcrypt hash has a character outside ./A-Za-z0-9 at position {8 + i}"
+    # 22 characters carry the 16-byte salt and 31 the 23-byte checksum, leaving 4 and 2 unused
+    # bits in the last character of each that bcrypt always writes as 0.
+    if _BCRYPT_ALPHABET.index(rest[21]) % 16:
+        return "bcrypt salt is corrupt (position 29 is not a character bcrypt writes there)"
+    if _BCRYPT_ALPHABET.index(rest[52]) % 4:
+        return "bcrypt checksum is corrupt (position 60 is not a character bcrypt writes there)"
+    return None
 
 
 def _http(doc: _Doc, value: object) -> dict[str, str]:
@@ -402,7 +438,7 @@ class _Verifier:
         # Unknown users are checked against a hash as costly as the costliest real one, so that
         # the response time does not tell which user names exist. The all-'.' digest decodes to
         # zero bytes: no password will match it.
-        cost = max(int(h[4:6]) for h in users.values())
+        cost = max(_cost(h) for h in users.values())
         self._dummy = b"$2b$%02d$" % cost + b"." * 53
         # Verified passwords are remembered as HMAC-SHA-256 under a per-process key, never in
         # plain text and not as a bare SHA-256 that a memory dump could brute-force quickly.
@@ -413,6 +449,7 @@ class _Verifier:
         # bcrypt takes ~50-100 ms of CPU: keep it off the event loop and off the default executor
         # (which DNS lookups share), so a flood of wrong passwords cannot starve the poller.
         self._executor: ThreadPoolExecutor | None = None
+        self._warned = False
 
     async def check(self, authorization: str | None) -> bool:
         credentials = _parse_basic(authorization)
@@ -430,13 +467,36 @@ class _Verifier:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bcrypt")
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(
-            self._executor, _checkpw, password[:_BCRYPT_MAX_PASSWORD], target
-        )
+        try:
+            ok = await loop.run_in_executor(
+                self._executor, _checkpw, password[:_BCRYPT_MAX_PASSWORD], target
+            )
+        except ValueError as e:
+            # load_web_config refuses every hash bcrypt refuses; should one get here anyway, a
+            # 401 rather than a 500, and one log line rather than one per (unauthenticated) try.
+            if not self._warned:
+                self._warned = True
+                # Only a configured user is named: any other name is what the client sent.
+                whose = f"of user {user!r} " if target is hashed else ""
+                log.error(
+                    "basic auth: bcrypt refused the hash %s(%s); every login with it fails, "
+                    "logged only once",
+                    whose,
+                    e,
+                )
+            ok = False
         if ok and usable:
             self._verified[user] = digest
             return True
         return False
+
+
+def _cost(hashed: bytes) -> int:
+    """The cost of a ``$2b$NN$`` hash; bcrypt's minimum if the hash has none bcrypt takes, so that
+    a dummy hash of that cost never raises (and a cost of 99 never becomes 31, hours a check)."""
+    digits = hashed[4:6]
+    cost = int(digits) if digits.isdigit() else 0
+    return cost if cost in _BCRYPT_COSTS else _BCRYPT_COSTS[0]
 
 
 def _parse_basic(authorization: str | None) -> tuple[str, bytes] | None:

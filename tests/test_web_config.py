@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,6 +24,8 @@ PASSWORD = "correct horse battery staple"
 HASH_2B = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
 HASH_2Y = "$2y$" + HASH_2B[4:]  # what htpasswd writes
 CHALLENGE = 'Basic realm="dcs-migration-exporter"'
+# The hash of the bug report: well-formed but for its cost, which bcrypt refuses ("Invalid salt").
+HASH_COST_99 = "$2b$99$Wrn/lZRP.MWHHZkRoGW0jONlo.FkX3Xm4RT7L8XQuVSY3eQ3cc/Ja"
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,44 @@ def test_invalid_hash_is_named_but_not_echoed(tmp_path: Path) -> None:
     assert "plaintext-secret" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("hashed", "problem"),
+    [
+        (HASH_COST_99, "bcrypt cost 99 is outside 04..31"),
+        (f"$2b$03${HASH_2B[7:]}", "bcrypt cost 03 is outside 04..31"),
+        (f"$2y$32${HASH_2B[7:]}", "bcrypt cost 32 is outside 04..31"),
+        (f"$2b$4${HASH_2B[7:]}", "not a bcrypt hash: no two-digit cost after the prefix"),
+        (f"$2x${HASH_2B[4:]}", "not a bcrypt hash ($2a$, $2b$ or $2y$)"),
+        ("$1$saltsalt$qjZ4dVYXCbHUmvbf8.bQ31", "not a bcrypt hash ($2a$, $2b$ or $2y$)"),
+        (HASH_2B[:-1], "bcrypt hash has 59 characters, not 60"),
+        (HASH_2B + HASH_2B[-1], "bcrypt hash has 61 characters, not 60"),
+        (f"{HASH_2B[:9]}+{HASH_2B[10:]}", "character outside ./A-Za-z0-9 at position 10"),
+        (f"{HASH_2B[:28]}/{HASH_2B[29:]}", "bcrypt salt is corrupt (position 29"),
+        (f"{HASH_2B[:59]}/", "bcrypt checksum is corrupt (position 60"),
+    ],
+    ids=[
+        *("cost-99", "cost-03", "cost-32", "one-digit-cost", "2x", "md5crypt", "short", "long"),
+        *("alphabet", "salt-tail", "checksum-tail"),
+    ],
+)
+def test_unusable_hash_is_refused_at_load(tmp_path: Path, hashed: str, problem: str) -> None:
+    """A hash bcrypt cannot use fails --config.check and start-up with the file, line, user and
+    what is wrong, instead of a 500 on every login."""
+    path = _write(tmp_path, f"basic_auth_users:\n  alice: '{HASH_2Y}'\n  bob: '{hashed}'\n")
+    with pytest.raises(WebConfigError) as e:
+        load_web_config(path)
+    assert str(e.value).startswith(f"{path}:3: basic_auth_users.bob: ")
+    assert problem in str(e.value)
+    assert hashed[7:] not in str(e.value)
+
+
+@pytest.mark.parametrize("cost", ["04", "31"])
+def test_bcrypt_cost_bounds_load(tmp_path: Path, cost: str) -> None:
+    """Hashes of cost 04 and 31, the bounds bcrypt takes, load."""
+    path = _write(tmp_path, f"basic_auth_users:\n  alice: '$2y${cost}${HASH_2B[7:]}'\n")
+    assert load_web_config(path).basic_auth_users["alice"].startswith(f"$2b${cost}$".encode())
+
+
 def test_duplicate_user_is_refused(tmp_path: Path) -> None:
     """A user listed twice is an error rather than the last entry silently winning."""
     path = _write(tmp_path, f"basic_auth_users:\n  alice: '{HASH_2Y}'\n  alice: '{HASH_2Y}'\n")
@@ -421,6 +462,29 @@ async def test_overlong_password_is_refused(tmp_path: Path) -> None:
     async with _serve(config) as url:
         status, _ = await _get(f"{url}/metrics", headers=basic_auth("alice", PASSWORD * 4))
     assert status == 401
+
+
+async def test_unusable_hash_past_loading_gets_401_and_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Should a hash bcrypt refuses reach the server anyway, its logins get 401 instead of 500,
+    other users still get in, and the log gets one line naming the user, not the hash."""
+    config = WebConfig(basic_auth_users={"alice": HASH_2B.encode(), "bob": HASH_COST_99.encode()})
+    with caplog.at_level(logging.ERROR, logger="exporter.web_config"):
+        async with _serve(config) as url:
+            bob = [
+                await _get(f"{url}/metrics", headers=basic_auth("bob", PASSWORD)) for _ in range(2)
+            ]
+            unknown = await _get(f"{url}/metrics", headers=basic_auth("mallory", PASSWORD))
+            alice, _ = await _get(f"{url}/metrics", headers=basic_auth("alice", PASSWORD))
+    for status, headers in (*bob, unknown):
+        assert status == 401
+        assert headers["WWW-Authenticate"] == CHALLENGE
+    assert alice == 200
+    logged = [r.getMessage() for r in caplog.records if r.name == "exporter.web_config"]
+    assert len(logged) == 1
+    assert "'bob'" in logged[0]
+    assert HASH_COST_99[7:] not in logged[0]
 
 
 async def test_exempt_path_skips_auth(tmp_path: Path) -> None:
