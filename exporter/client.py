@@ -14,12 +14,12 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -27,16 +27,23 @@ import yarl
 
 from exporter import __version__
 from exporter.auth import IssuedToken, TokenCache, canonical_query, parse_expires_at, sign_request
-from exporter.config import AkSkAuth, Auth, CloudConfig, PasswordAuth, Secret
+from exporter.config import AkSkAuth, Auth, CloudConfig, PasswordAuth, Secret, is_project_id
 from exporter.throttle import Throttle, WaitTooLong
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 USER_AGENT = f"dcs-migration-exporter/{__version__}"
 MAX_BODY_BYTES = 1 << 20  # a stats body is a few hundred bytes; refuse to buffer a runaway one
 GONE_CODES = frozenset({"DCS.4133"})  # "Instance job is not found": the task no longer exists
 # Signatures are checked against the gateway's clock; beyond this the gateway rejects them.
 SKEW_LIMIT_SECONDS = 300.0
+# After IAM refuses the credentials, ask again only this much later: every task of the project
+# shares the answer, so that a wrong password costs one failed login per 5 minutes, not one per
+# poll (IAM locks a user out after a few failed logins).
+CREDENTIALS_REFUSED_HOLD_SECONDS = 300.0
+# After IAM did not answer (timeout, 5xx), the hold doubles from the first to the last value.
+IAM_OUTAGE_HOLD_SECONDS = (5.0, 60.0)
 LIST_PAGE_SIZE = 100
 MAX_LIST_PAGES = 1000  # a server that ignores ``offset`` must not keep the lister going for ever
 _DELTA_SECONDS = re.compile(r"\s*[0-9]+(?:\.[0-9]+)?\s*")
@@ -214,6 +221,15 @@ def _looks_like_token_rejection(status: int, error: ErrorBody) -> bool:
 
 
 @dataclass(frozen=True)
+class _HeldFailure:
+    """An IAM call that failed, and until when it is not repeated (wall clock)."""
+
+    error: ApiError
+    until: datetime
+    failures: int  # in a row, for the doubling hold after an outage
+
+
+@dataclass(frozen=True)
 class _Answer:
     status: int
     headers: Mapping[str, str]
@@ -261,6 +277,8 @@ class DcsClient:
         self.clock_skew: float | None = None  # server Date minus local clock, once measured
         self._clock_correction = 0.0
         self._recent_tokens: deque[str] = deque(maxlen=4)  # for scrubbing error texts
+        self._held: dict[str, _HeldFailure] = {}  # by IAM call: "token", "project lookup"
+        self._token_requests = 0
         self.tokens: TokenCache | None = None
         if isinstance(auth, PasswordAuth):
             self.tokens = TokenCache(
@@ -270,9 +288,14 @@ class DcsClient:
             )
 
     @property
+    def throttle(self) -> Throttle:
+        """The project's rate ceiling and 429 pause, shared by this client's calls."""
+        return self._throttle
+
+    @property
     def token_fetches(self) -> int:
         """IAM token requests made so far."""
-        return self.tokens.fetch_count if self.tokens else 0
+        return self._token_requests
 
     # ---- public calls -------------------------------------------------------------------
 
@@ -398,6 +421,46 @@ class DcsClient:
 
     async def _resolve_project_id(self) -> str:
         """Find the project's ID: from the token's scope, or by name through the IAM API."""
+        return await self._held_off("IAM project lookup", self._look_up_project_id)
+
+    async def _held_off(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run an IAM call unless it failed a moment ago: then fail at once with that error.
+
+        The hold is shared by every task of the client: credentials that IAM refused are not
+        tried again for CREDENTIALS_REFUSED_HOLD_SECONDS, and an IAM that did not answer is
+        asked again after a hold that doubles within IAM_OUTAGE_HOLD_SECONDS.
+        """
+        now = self._wall_clock()
+        held = self._held.get(what)
+        if held is not None and now < held.until:
+            wait = (held.until - now).total_seconds()
+            raise ApiError(
+                held.error.kind,
+                self.scrub(f"{held.error} (not asked again for another {wait:.0f}s)"),
+                status=held.error.status,
+                code=held.error.code,
+                sent=False,
+            )
+        try:
+            result = await call()
+        except ApiError as error:
+            if not error.sent:  # an unreadable password file, say: nothing reached IAM
+                raise
+            failures = held.failures + 1 if held is not None else 1
+            if error.kind in (ErrorKind.AUTH, ErrorKind.PERMISSION, ErrorKind.CLIENT_ERROR):
+                hold = CREDENTIALS_REFUSED_HOLD_SECONDS
+            else:
+                first, last = IAM_OUTAGE_HOLD_SECONDS
+                hold = min(last, first * 2 ** min(failures - 1, 16))
+            self._held[what] = _HeldFailure(error, now + timedelta(seconds=hold), failures)
+            log.warning(
+                "%s failed; not asked again for %.0fs: %s", what, hold, self.scrub(str(error))
+            )
+            raise
+        self._held.pop(what, None)
+        return result
+
+    async def _look_up_project_id(self) -> str:
         if self.tokens is not None:
             token = await self.tokens.get()
             if token.project_id:
@@ -415,8 +478,12 @@ class DcsClient:
             )
         project = projects[0]
         project_id = project.get("id") if isinstance(project, dict) else None
-        if not isinstance(project_id, str) or not project_id.strip():
-            raise ApiError(ErrorKind.UNEXPECTED_SHAPE, "IAM project lookup: the project has no id")
+        if not isinstance(project_id, str) or not is_project_id(project_id):
+            raise ApiError(
+                ErrorKind.UNEXPECTED_SHAPE,
+                f"IAM project lookup: the project's id {_clip(project_id, 40)!r} is not 32 hex "
+                "digits",
+            )
         return project_id
 
     async def _fetch_token(self) -> IssuedToken:
@@ -427,7 +494,7 @@ class DcsClient:
         token that looks expired nor keeps using one that has expired.
         """
         with self._scrubbed():
-            return await self._fetch_token_unscrubbed()
+            return await self._held_off("IAM token request", self._fetch_token_unscrubbed)
 
     async def _fetch_token_unscrubbed(self) -> IssuedToken:
         auth = self._auth
@@ -455,6 +522,7 @@ class DcsClient:
         url = f"{self._iam_base}/auth/tokens?nocatalog=true"
         headers = {"Content-Type": "application/json;charset=utf8", "User-Agent": USER_AGENT}
         asked_at = self._wall_clock()
+        self._token_requests += 1
         answer = await self._send("POST", url, headers, json.dumps(payload).encode())
         if answer.status not in (200, 201):
             raise self._error_for(answer, what="IAM token request")
@@ -486,7 +554,8 @@ class DcsClient:
         return IssuedToken(
             value=token,
             expires_at=local_expiry,
-            project_id=project_id if isinstance(project_id, str) and project_id else None,
+            # A scope id that is not one is looked up by name instead of sent as a header.
+            project_id=project_id if is_project_id(project_id) else None,
         )
 
     async def _auth_headers(self, method: str, url: str, project_header: bool) -> dict[str, str]:

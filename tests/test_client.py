@@ -20,6 +20,7 @@ from aiohttp import web
 import exporter.client as client_module
 from exporter.auth import IssuedToken, TokenCache, canonical_query
 from exporter.client import (
+    CREDENTIALS_REFUSED_HOLD_SECONDS,
     ApiError,
     DcsClient,
     ErrorBody,
@@ -642,6 +643,89 @@ async def test_bad_token_answers(
     assert error.kind is ErrorKind.AUTH
     assert fragment in str(error)
     assert DEMO_PASSWORD not in str(error)
+
+
+async def test_a_refused_password_is_tried_once_per_hold_for_all_tasks(
+    sim_server: SimServer, http_session: aiohttp.ClientSession
+) -> None:
+    """With a wrong IAM password, ten tasks polling together cost IAM one failed login; polls in
+    the next 5 minutes fail at once with that answer (no login), and then one login is tried
+    again: a wrong password never locks the IAM user out."""
+    clock = FakeClock()
+    wrong = password_config(make_config(sim_server.url), Secret(value="not-the-password"))
+    client = client_for(http_session, wrong, clock)
+    errors = await asyncio.gather(*(call(client) for _ in range(10)))
+    assert all(isinstance(e, ApiError) and e.kind is ErrorKind.AUTH for e in errors)
+    assert sim_server.sim.token_requests == 1
+    clock.advance(CREDENTIALS_REFUSED_HOLD_SECONDS - 1)
+    held = await call(client)
+    assert isinstance(held, ApiError) and held.kind is ErrorKind.AUTH and not held.sent
+    assert "The username or password is wrong" in str(held)
+    assert "not asked again for another 1s" in str(held)
+    assert sim_server.sim.token_requests == 1
+    assert client.token_fetches == 1  # the refreshes metric counts logins, not held polls
+    clock.advance(2)
+    await call(client)
+    assert sim_server.sim.token_requests == 2
+
+
+async def test_an_iam_outage_is_asked_again_after_a_doubling_hold(
+    http_session: aiohttp.ClientSession, recorder: Callable[..., Awaitable[Recorder]]
+) -> None:
+    """IAM answering 500 is asked again after 5 s, then 10 s: a short outage heals quickly, and
+    a long one costs IAM a request a minute at most, whatever the number of tasks."""
+    clock = FakeClock()
+
+    async def iam(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"code": 500, "message": "busy"}}, status=500)
+
+    server = await recorder(iam)
+    config = password_config(make_config(server.url))
+    config = replace(config, cloud=replace(config.cloud, iam_endpoint=server.url))
+    client = client_for(http_session, config, clock)
+    for advance, expected_requests in ((0, 1), (4, 1), (1.5, 2), (9, 2), (1.5, 3)):
+        clock.advance(advance)
+        await asyncio.gather(*(call(client) for _ in range(5)))
+        assert len(server.seen) == expected_requests, advance
+
+
+async def test_a_failed_project_lookup_is_shared_by_the_tasks(
+    http_session: aiohttp.ClientSession, recorder: Callable[..., Awaitable[Recorder]]
+) -> None:
+    """Without a project_id, five tasks whose project lookup fails (IAM 500) cost IAM one
+    lookup, not five."""
+
+    async def iam(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="down")
+
+    server = await recorder(iam)
+    config = make_config(server.url)
+    cloud = CloudConfig(region="eu-de", dcs_endpoint=server.url, iam_endpoint=server.url)
+    client = client_for(http_session, replace(config, cloud=cloud), FakeClock())
+    errors = await asyncio.gather(*(call(client, task) for task in (TASK_A, TASK_B) * 3))
+    assert all(isinstance(e, ApiError) and e.kind is ErrorKind.SERVER_ERROR for e in errors)
+    assert [path for _, path, _, _ in server.seen] == ["/projects"]
+
+
+@pytest.mark.parametrize("project_id", ["abc\r\nX-Evil: 1", "", "0123", 12])
+async def test_a_project_id_from_iam_that_is_not_one_is_refused(
+    http_session: aiohttp.ClientSession,
+    recorder: Callable[..., Awaitable[Recorder]],
+    project_id: object,
+) -> None:
+    """A project lookup answer whose id is not 32 hex digits is an UNEXPECTED_SHAPE error naming
+    it, never a header built from it (a CR/LF there was a traceback on every poll)."""
+
+    async def iam(request: web.Request) -> web.Response:
+        return web.json_response({"projects": [{"name": "eu-de", "id": project_id}]})
+
+    server = await recorder(iam)
+    config = make_config(server.url)
+    cloud = CloudConfig(region="eu-de", dcs_endpoint=server.url, iam_endpoint=server.url)
+    client = make_client(http_session, replace(config, cloud=cloud))
+    error = await call(client)
+    assert isinstance(error, ApiError) and error.kind is ErrorKind.UNEXPECTED_SHAPE
+    assert "is not 32 hex digits" in str(error) and "\n" not in str(error)
 
 
 async def test_project_lookup_without_id(
