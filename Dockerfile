@@ -38,7 +38,9 @@ WORKDIR /etc/dcs-migration-exporter
 USER 65532:65532
 EXPOSE 9713
 # slim has no curl: probe /healthz with the image's own Python (exits 1 on 503 or no answer).
+# Moved the listen port? Set DCS_EXPORTER_HEALTHCHECK_URL to match (docker run -e ...).
+ENV DCS_EXPORTER_HEALTHCHECK_URL=http://127.0.0.1:9713/healthz
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9713/healthz', timeout=4).status != 200)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen(os.environ['DCS_EXPORTER_HEALTHCHECK_URL'], timeout=4).status != 200)"]
 ENTRYPOINT ["dcs-migration-exporter"]
 CMD ["--config.file=/etc/dcs-migration-exporter/config.yaml"]

@@ -15,8 +15,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${SMOKE_CACHE:-/var/tmp/dcs-image-smoke}"
 IMAGE="dcs-migration-exporter:smoke"
-# The image's HEALTHCHECK probes 9713 inside the container; with host networking that is the host's.
-PORT=9713
+# Host networking (bridged containers hang here, TOOLING.md 4): the container listens on a free
+# host port, and DCS_EXPORTER_HEALTHCHECK_URL moves the image's HEALTHCHECK there, as a user
+# who changes the port would.
+PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 WORK="$(mktemp -d /tmp/dcs-image-smoke.XXXXXX)"
 SOCK="$WORK/docker.sock"
 DOCKERD_PID=""
@@ -113,7 +115,10 @@ step "inspect: user, port, healthcheck, no source tree"
 user="$(docker image inspect -f '{{.Config.User}}' "$IMAGE")"
 [[ "$user" == "65532:65532" ]] || fail "image user is '$user', expected 65532:65532"
 docker image inspect -f '{{json .Config.ExposedPorts}}' "$IMAGE" | grep -q '"9713/tcp"' || fail "EXPOSE 9713"
-docker image inspect -f '{{json .Config.Healthcheck}}' "$IMAGE" | grep -q '/healthz' || fail "HEALTHCHECK"
+docker image inspect -f '{{json .Config.Healthcheck}}' "$IMAGE" | grep -q 'DCS_EXPORTER_HEALTHCHECK_URL' \
+    || fail "HEALTHCHECK"
+docker image inspect -f '{{json .Config.Env}}' "$IMAGE" \
+    | grep -q '"DCS_EXPORTER_HEALTHCHECK_URL=http://127.0.0.1:9713/healthz"' || fail "HEALTHCHECK URL"
 probe="$(docker create "$IMAGE")"
 docker export "$probe" | tar -t >"$WORK/files.txt"
 docker rm "$probe" >/dev/null
@@ -126,11 +131,11 @@ fi
 done_step
 
 step "docker run --demo (read-only root, no capabilities, no new privileges, host network)"
-if curl -s -o /dev/null "http://127.0.0.1:$PORT/"; then fail "port $PORT is already in use on this host"; fi
 CONTAINER="$(docker run -d --pull never --network host --read-only --tmpfs /tmp \
     --cap-drop ALL --security-opt no-new-privileges \
     --health-interval 2s --health-start-period 2s \
-    "$IMAGE" --demo)"
+    -e "DCS_EXPORTER_HEALTHCHECK_URL=http://127.0.0.1:$PORT/healthz" \
+    "$IMAGE" --demo --web.listen-address "127.0.0.1:$PORT")"
 ok=""
 for _ in $(seq 60); do
     if curl -sf "http://127.0.0.1:$PORT/metrics" >"$WORK/metrics.txt" \
@@ -157,6 +162,19 @@ done
 }
 running_user="$(docker inspect -f '{{.Config.User}}' "$CONTAINER")"
 printf '[image-smoke]   health=%s user=%s\n' "$health" "$running_user" >&2
+done_step
+
+step "docker stop: SIGTERM to the exporter as PID 1 exits 0 within 5 s"
+stop_start=$(now_ms)
+docker stop -t 10 "$CONTAINER" >/dev/null
+stop_ms=$(($(now_ms) - stop_start))
+exit_code="$(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER")"
+printf '[image-smoke]   exit code %s after %s ms\n' "$exit_code" "$stop_ms" >&2
+[[ "$exit_code" == "0" ]] || { docker logs "$CONTAINER" 2>&1 | tail -20; fail "exit code $exit_code after SIGTERM"; }
+((stop_ms < 5000)) || fail "SIGTERM took ${stop_ms} ms (limit 5000)"
+if docker logs "$CONTAINER" 2>&1 | grep -E 'Traceback|Unclosed client session'; then
+    fail "the log after SIGTERM has a traceback or an unclosed session"
+fi
 done_step
 
 printf '\n[image-smoke] OK in %s s\n' "$(seconds_since "$total_start")" >&2

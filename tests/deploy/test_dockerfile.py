@@ -7,6 +7,7 @@ does that (too heavy for every CI run, see docs/DEPLOY.md).
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -103,10 +104,14 @@ def test_dockerignore_sends_only_the_package() -> None:
 def test_healthcheck_command_follows_healthz(free_port: Callable[[], int], tmp_path: Path) -> None:
     """The HEALTHCHECK one-liner exits 0 against a live daemon's /healthz and 1 with none."""
     code = _healthcheck_python()
-    assert "http://127.0.0.1:9713/healthz" in code
+    env_lines = " ".join(rest for word, rest in _final_stage() if word == "ENV")
+    assert "DCS_EXPORTER_HEALTHCHECK_URL=http://127.0.0.1:9713/healthz" in env_lines
     port = free_port()
-    local_code = code.replace("9713", str(port))
-    down = subprocess.run([sys.executable, "-c", local_code], capture_output=True, timeout=30)
+    # The image's default URL names 9713; the variable moves the probe, as a user would.
+    probe_env = {**os.environ, "DCS_EXPORTER_HEALTHCHECK_URL": f"http://127.0.0.1:{port}/healthz"}
+    down = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=30, env=probe_env
+    )
     assert down.returncode == 1
     log = (tmp_path / "exporter.log").open("wb")
     daemon = subprocess.Popen(
@@ -125,7 +130,9 @@ def test_healthcheck_command_follows_healthz(free_port: Callable[[], int], tmp_p
                 if time.monotonic() > deadline:
                     pytest.fail((tmp_path / "exporter.log").read_text())
                 time.sleep(0.2)
-        up = subprocess.run([sys.executable, "-c", local_code], capture_output=True, timeout=30)
+        up = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, timeout=30, env=probe_env
+        )
         assert up.returncode == 0, up.stderr
     finally:
         daemon.terminate()
