@@ -231,14 +231,16 @@ class Daemon:
                     # A new client (no cached token, new throttle) and scheduler; the task
                     # states carry over, removed tasks are dropped.
                     await self._stop_polling(run)
+                    previous_poller = run.poller
                     run.poller = build_poller(
                         new,
                         self.session,
                         self.state,
                         self._tasks_for(run.target, run.discovery),
                         target=target,
-                        owned=run.poller.task_ids,
+                        owned=previous_poller.task_ids,
                     )
+                    run.poller.carry_over(previous_poller)
                     run.credentials = credentials[target.name]
                     self._start_polling(run)
             self._start_discovery(run, first_delay=0.0)  # new filters apply at once

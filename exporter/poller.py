@@ -112,6 +112,21 @@ class Poller:
         self._task_ids = list(wanted)
         self.state.changed()
 
+    def carry_over(self, previous: Poller) -> None:
+        """Continue the schedule of the poller this one replaces (a reload rebuilt the client).
+
+        Tasks polled a moment ago are not polled again at once (a new interval shortens the wait
+        but never makes it longer than that interval), and the project's 429 pause and backoff
+        stay in force.
+        """
+        latest = self._monotonic() + self.polling.interval
+        for task_id in self._task_ids:
+            if task_id in previous._next_due:
+                self._next_due[task_id] = min(previous._next_due[task_id], latest)
+            if task_id in previous._details_due:
+                self._details_due[task_id] = previous._details_due[task_id]
+        self.client.throttle.carry_over(previous.client.throttle)
+
     # ---- scheduling -------------------------------------------------------------------------
 
     async def run(self) -> None:

@@ -84,6 +84,14 @@ class Throttle:
         """429 episodes since the last success; the backoff exponent."""
         return self._consecutive_throttles
 
+    def carry_over(self, previous: Throttle) -> None:
+        """Keep the pause and backoff of the throttle this one replaces (a reload): a new config
+        must not lift a pause that the API asked for, nor restart its backoff."""
+        self._paused_until = max(self._paused_until, previous._paused_until)
+        self._next_slot = max(self._next_slot, previous._next_slot)
+        self._episode_started = previous._episode_started
+        self._consecutive_throttles = previous._consecutive_throttles
+
     async def acquire(self, max_wait: float | None = None) -> float:
         """Wait until a request may be sent; return the clock time of the grant.
 

@@ -202,6 +202,53 @@ async def test_a_bug_after_the_session_was_replaced_leaves_polling_on_an_open_se
     assert metrics.get("dcs_migration_up", task_id=TASK_A) == 1
 
 
+def stats_requests(sim_server: SimServer) -> int:
+    """How many stats requests the simulator has seen so far."""
+    return sum(1 for r in sim_server.sim.requests if r.path.endswith("/stats"))
+
+
+async def test_a_reload_that_rebuilds_the_client_keeps_the_429_pause(
+    sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
+) -> None:
+    """After a 429 with Retry-After: 30, a reload that builds a new client (another rate ceiling)
+    keeps the pause: no stats request goes out for the 2 s (ten intervals) that follow."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A, TASK_B), FAST))
+    running = await start_daemon(path)
+    await running.until(up(TASK_B))
+    throttled = CannedResponse(429, {"error_code": "APIG.0308"}, headers={"Retry-After": "30"})
+    sim_server.sim.push_all(throttled)
+    await running.until(
+        lambda m: (
+            m.get("dcs_migration_poll_errors_total", task_id=TASK_A, reason="throttled")
+            or m.get("dcs_migration_poll_errors_total", task_id=TASK_B, reason="throttled")
+        )
+    )
+    before = stats_requests(sim_server)
+    path.write_text(config_yaml(sim_server.url, (TASK_A, TASK_B), FAST.replace("1000", "500")))
+    assert (await running.reload())[0] == 200
+    await asyncio.sleep(2.0)
+    assert stats_requests(sim_server) == before
+
+
+async def test_reloads_in_quick_succession_keep_each_tasks_schedule(
+    sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
+) -> None:
+    """With a 5 s interval, six reloads that each rebuild the poller (the concurrency flips
+    between 4 and 5) within 3 s poll each task once, not once per reload."""
+    slow = "polling:\n  interval: 5s\n  timeout: 2s\n  concurrency: {}\n"
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A, TASK_B), slow.format(4)))
+    running = await start_daemon(path)
+    await running.until(up(TASK_B))
+    before = stats_requests(sim_server)
+    for concurrency in (5, 4, 5, 4, 5, 4):
+        path.write_text(config_yaml(sim_server.url, (TASK_A, TASK_B), slow.format(concurrency)))
+        assert (await running.reload())[0] == 200
+        await asyncio.sleep(0.5)
+    assert stats_requests(sim_server) == before
+
+
 async def test_reload_rereads_the_password_file(
     sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
 ) -> None:
