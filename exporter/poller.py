@@ -212,6 +212,7 @@ class Poller:
                 if self.state.tasks.get(task.task_id) is not task:
                     return  # removed by a reload while it waited
                 await self.poll_task(task, scheduled)
+                self.state.last_poll_end_monotonic = self._monotonic()  # a heartbeat (web.health)
         except Exception:  # poll_task never raises; if it does, the round must still end
             log.exception("task %s: bug in the poller", task.task_id)
         finally:

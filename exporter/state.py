@@ -58,6 +58,7 @@ class ExporterState:
     version: int = 0
     poll_cycles_total: int = 0
     last_cycle_end_monotonic: float | None = None
+    last_poll_end_monotonic: float | None = None  # any task's poll, failed or not
     token_refreshes_total: int = 0  # summed over every client, also those replaced by a reload
     clock_skew_seconds: dict[str, float] = field(default_factory=dict)  # by target, once measured
     config_reload_ok: bool = True

@@ -46,16 +46,27 @@ class Health:
 
 
 def health(state: ExporterState, max_cycle_age: float, started: float, now: float) -> Health:
-    """Judge the scheduler by its heartbeat: a round must finish every ``max_cycle_age`` seconds."""
-    last = state.last_cycle_end_monotonic
-    if last is None:
-        waited = now - started
-        alive = waited < max_cycle_age
-        return Health(False, alive, f"no polling round finished yet ({waited:.0f}s since start)")
-    age = now - last
-    if age > max_cycle_age:
-        return Health(False, False, f"last polling round finished {age:.0f}s ago")
-    return Health(True, True, f"last polling round finished {age:.0f}s ago")
+    """Judge the scheduler by its heartbeat: a poll or a round must end every ``max_cycle_age``
+    seconds; ready once the first round has finished.
+
+    Polls count as well as rounds: while the API hangs, one round of many tasks takes about
+    tasks x timeout / concurrency, longer than any fixed limit, yet its polls keep ending (in
+    timeouts) every few seconds. A scheduler that died ends neither, and a liveness probe must
+    not restart a healthy exporter in the middle of a cloud outage.
+    """
+    round_end, poll_end = state.last_cycle_end_monotonic, state.last_poll_end_monotonic
+    heartbeat = max((t for t in (round_end, poll_end) if t is not None), default=started)
+    age = now - heartbeat
+    alive = age <= max_cycle_age
+    if not alive:
+        return Health(False, False, f"no poll or polling round ended for {age:.0f}s")
+    if round_end is None:
+        detail = f"no polling round finished yet ({now - started:.0f}s since start)"
+    else:
+        detail = f"last polling round finished {now - round_end:.0f}s ago"
+    if poll_end is not None and (round_end is None or poll_end > round_end + 1.0):
+        detail += f"; the last poll ended {now - poll_end:.0f}s ago"
+    return Health(round_end is not None, True, detail)
 
 
 class MetricsRenderer:

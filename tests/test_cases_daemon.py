@@ -449,8 +449,8 @@ async def test_c30_unexpected_errors_do_not_end_polling(
 async def test_c30_readiness_fails_when_no_round_finishes(
     sim_server: SimServer, session: aiohttp.ClientSession
 ) -> None:
-    """/ready and /healthz answer 200 while rounds finish and 503 once none has finished in
-    3 intervals; a new round makes them healthy again."""
+    """/ready and /healthz answer 200 while rounds finish and 503 once neither a round nor a
+    poll has ended in 3 intervals; a new round makes them healthy again."""
     clock = FakeClock()
     rig = make_rig(sim_server, session, clock=clock)
     app = create_app(rig.state, max_cycle_age=3 * rig.interval, monotonic=clock)
@@ -462,6 +462,6 @@ async def test_c30_readiness_fails_when_no_round_finishes(
         clock.advance(3 * rig.interval)  # the scheduler is silent for 3+ intervals
         ready, alive = await web.get("/ready"), await web.get("/healthz")
         assert (ready.status, alive.status) == (503, 503)
-        assert "finished" in await ready.text()
+        assert "no poll or polling round ended for" in await ready.text()
         await rig.round()
         assert (await web.get("/ready")).status == 200

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.state import ExporterState, TaskState
 from exporter.stats import StatsRecord
-from exporter.web import create_app
+from exporter.web import create_app, health
 from tests.support import TASK_A, Clients, basic_auth, basic_auth_web_config
 from tests.test_poller import FakeClock
 
@@ -123,7 +123,37 @@ async def test_health_before_the_first_round(clients: Clients) -> None:
     clock.advance(31.0)
     response = await client.get("/healthz")
     assert response.status == 503
-    assert "no polling round finished yet" in await response.text()
+    assert "no poll or polling round ended for 31s" in await response.text()
+
+
+@pytest.mark.parametrize(
+    ("round_end", "poll_end", "alive", "ready", "detail"),
+    [
+        (None, None, True, False, "no polling round finished yet (50s since start)"),
+        (
+            None,
+            95.0,
+            True,
+            False,
+            "no polling round finished yet (100s since start); the last poll",
+        ),
+        (0.0, 95.0, True, True, "last polling round finished 100s ago; the last poll ended 5s ago"),
+        (90.0, 90.0, True, True, "last polling round finished 10s ago"),
+        (0.0, 5.0, False, False, "no poll or polling round ended for 95s"),
+        (None, None, False, False, "no poll or polling round ended for 100s"),
+    ],
+)
+def test_health_counts_every_poll_as_a_heartbeat(
+    round_end: float | None, poll_end: float | None, alive: bool, ready: bool, detail: str
+) -> None:
+    """A round that takes long because the API hangs (its polls keep ending in timeouts) keeps
+    /healthz at 200, so Kubernetes does not restart the exporter during a cloud outage; with
+    neither polls nor rounds ending for max_cycle_age, it is 503. Ready needs a finished round."""
+    state = ExporterState(last_cycle_end_monotonic=round_end, last_poll_end_monotonic=poll_end)
+    started = 50.0 if detail.endswith("(50s since start)") else 0.0
+    result = health(state, 90.0, started, now=100.0)
+    assert (result.alive, result.ready) == (alive, ready)
+    assert result.detail.startswith(detail)
 
 
 async def test_reload_endpoint(state: ExporterState, clients: Clients) -> None:
