@@ -85,6 +85,7 @@ class ApiError(Exception):
         retry_after: float | None = None,
         request_id: str | None = None,
         sent: bool = True,
+        held: bool = False,
     ) -> None:
         super().__init__(message)
         self.kind = kind
@@ -93,6 +94,9 @@ class ApiError(Exception):
         self.retry_after = retry_after
         self.request_id = request_id
         self.sent = sent  # False: failed before a request went out (pause in force, secret file)
+        # True: refused at once because of an earlier failure that was logged when it happened
+        # (a 429 pause, an IAM hold); the poller does not log each of these again.
+        self.held = held
 
     @property
     def status_label(self) -> str:
@@ -440,6 +444,7 @@ class DcsClient:
                 status=held.error.status,
                 code=held.error.code,
                 sent=False,
+                held=True,
             )
         try:
             result = await call()
@@ -619,6 +624,7 @@ class DcsClient:
                     f"{what}: not sent: {exc}",
                     retry_after=exc.wait,
                     sent=False,
+                    held=exc.paused,
                 ) from None
             signed_with = self._clock_correction
             headers = await self._auth_headers("GET", url, project_header)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -33,9 +34,24 @@ MAX_BACKOFF_SECONDS = 300.0
 # Failures that will not heal by asking again soon: poll these less often.
 _BACKOFF_KINDS = frozenset({ErrorKind.NOT_FOUND, ErrorKind.PERMISSION, ErrorKind.AUTH})
 _LOG_EVERY_NTH_REPEAT = 20
+# What varies between two reports of the same problem: a request id, a number of seconds.
+_REQUEST_ID = re.compile(r" \(request id [^)]*\)")
+_SECONDS = re.compile(r"\d+(?:\.\d+)?s\b")
 # A task whose due time is this close (as a fraction of the interval) to the round is polled in it:
 # timers fire a little early or late, and a task must not slip to the round after.
 _DUE_SLACK = 0.1
+
+
+def _same_problem(previous: str | None, message: str) -> bool:
+    """Whether two failure messages report the same problem, so the second need not be logged:
+    equal but for request ids and seconds ("paused for another 3.0s" after "5.0s")."""
+    if previous is None:
+        return False
+
+    def shape(text: str) -> str:
+        return _SECONDS.sub("Ns", _REQUEST_ID.sub("", text))
+
+    return shape(previous) == shape(message)
 
 
 class Poller:
@@ -284,7 +300,12 @@ class Poller:
             self._details_due[task.task_id] = now + self.polling.details_interval
         except ApiError as error:
             self._count_api_error(task, error)
-            log.warning("task %s: details unavailable: %s", task.task_id, error)
+            log.log(
+                logging.DEBUG if error.held else logging.WARNING,
+                "task %s: details unavailable: %s",
+                task.task_id,
+                error,
+            )
             if error.gone:
                 task.details = None
             # Try again after one interval rather than a whole details interval.
@@ -354,9 +375,15 @@ class Poller:
         task.poll_errors[kind.value] += 1
         if error is not None:
             self._count_api_error(task, error)
-        repeated = task.last_reason == kind.value and task.last_error == message
+        repeated = task.last_reason == kind.value and _same_problem(task.last_error, message)
         task.last_error, task.last_reason = message, kind.value
-        if not logged and (not repeated or task.consecutive_failures % _LOG_EVERY_NTH_REPEAT == 0):
+        if error is not None and error.held:
+            # The pause or hold was logged once when it began; one line per task and round
+            # would bury it (5 tasks in a 60 s pause: dozens of lines).
+            log.debug("task %s: poll not sent [%s]: %s", task.task_id, kind.value, message)
+        elif not logged and (
+            not repeated or task.consecutive_failures % _LOG_EVERY_NTH_REPEAT == 0
+        ):
             suffix = f" ({task.consecutive_failures} failures in a row)" if repeated else ""
             log.warning(
                 "task %s: poll failed [%s]: %s%s", task.task_id, kind.value, message, suffix

@@ -429,3 +429,32 @@ async def test_details_are_read_even_while_stats_fail(
     assert scraped.get("dcs_migration_up", task_id=TASK_A) == 0
     [(_, labels)] = scraped.series("dcs_migration_task_info", task_id=TASK_A)
     assert dict(labels)["status"] == "FAILED"
+
+
+async def test_polls_kept_back_by_a_429_pause_are_not_logged_one_by_one(
+    sim_server: SimServer, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 429 with Retry-After: 60 is logged when it comes; the polls that the pause then keeps
+    from going out fail at once (up 0, counted as throttled) without a warning each, round
+    after round, although their messages differ in the seconds left."""
+    rig = make_rig(sim_server, session, timeout=1.0)
+    await rig.round()
+    throttled = CannedResponse(429, {"error_code": "APIG.0308"}, headers={"Retry-After": "60"})
+    sim_server.sim.push_all(throttled, throttled)
+    caplog.set_level(logging.DEBUG, logger="exporter.poller")
+    for _ in range(6):
+        rig.clock.advance(MAX_BACKOFF_SECONDS)  # every task due again, whatever its backoff
+        await rig.round()
+    warned = [
+        r for r in caplog.records if r.name == "exporter.poller" and r.levelno >= logging.WARNING
+    ]
+    assert len(warned) <= 2  # the answers that were 429s, nothing for the held polls
+    assert all("[throttled]" in r.getMessage() for r in warned)
+    held = [r for r in caplog.records if "poll not sent [throttled]" in r.getMessage()]
+    assert len(held) >= 10
+    metrics = rig.scrape()
+    for task_id in (TASK_A, TASK_B):
+        assert metrics.get("dcs_migration_up", task_id=task_id) == 0
+        assert (
+            metrics.get("dcs_migration_poll_errors_total", task_id=task_id, reason="throttled") >= 5
+        )
