@@ -1,7 +1,7 @@
 """The Dockerfile: hadolint, its hardening by inspection, and its HEALTHCHECK command for real.
 
-Building and running the image needs a Docker daemon and a base image; ``scripts/image-smoke.sh``
-does that (too heavy for every CI run, see docs/DEPLOY.md).
+Building and running the image needs a Docker daemon and a base image: ``scripts/image-smoke.sh``
+does that, as a step of ``.ci/run`` after the tests (docs/DEPLOY.md).
 """
 
 from __future__ import annotations
