@@ -373,7 +373,10 @@ class Daemon:
         self.state.config_reload_ok = False
         self.state.config_reload_failures_total += 1
         self.state.changed()
-        log.error("configuration reload failed; keeping the running one:\n%s", problem)
+        # One log line per problem, as at start: a multi-line message is one escaped logfmt line.
+        log.error("configuration reload failed; keeping the running one")
+        for line in problem.splitlines():
+            log.error("%s", line)
         return problem
 
     # ---- polling ------------------------------------------------------------------------------

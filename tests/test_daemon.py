@@ -114,6 +114,28 @@ async def test_bad_reload_keeps_the_old_config_polling(
     assert metrics.get("dcs_migration_config_reload_failures_total") == 1
 
 
+async def test_a_refused_reload_logs_one_line_per_problem(
+    sim_server: SimServer,
+    tmp_path: Path,
+    start_daemon: Callable[[Path], Awaitable[Running]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two problems in a reloaded config are two ERROR lines naming file and line, after one line
+    saying the running config stays; no record carries a newline (logfmt would escape it)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
+    running = await start_daemon(path)
+    await running.until(up())
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST + "  timout: 5\n  intervall: 1s\n"))
+    caplog.clear()
+    assert (await running.reload())[0] == 400
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors[0] == "configuration reload failed; keeping the running one"
+    assert [line for line in errors[1:] if "timout" in line or "intervall" in line] == errors[1:]
+    assert len(errors) == 3 and all(f"{path}:" in line for line in errors[1:])
+    assert not any("\n" in message for message in errors)
+
+
 async def test_unreadable_config_file_is_a_failed_reload_not_a_crash(
     sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
 ) -> None:
