@@ -130,13 +130,18 @@ def _accepted(header: str) -> dict[str, float]:
                     weight = float(value)
                 except ValueError:
                     weight = 0.0
-        weights[name.lower()] = weight
+        # A type listed twice (Prometheus names two OpenMetrics versions) counts at its best.
+        weights[name.lower()] = max(weight, weights.get(name.lower(), 0.0))
     return weights
 
 
 def _wants_openmetrics(accept: str) -> bool:
-    """OpenMetrics when the scraper asks for it with a weight above zero."""
-    return _accepted(accept).get("application/openmetrics-text", 0.0) > 0
+    """OpenMetrics when the scraper asks for it with a weight above zero and at least that of
+    the text format (named, or as ``text/*`` or ``*/*``)."""
+    weights = _accepted(accept)
+    openmetrics = weights.get("application/openmetrics-text", 0.0)
+    text = weights.get("text/plain", weights.get("text/*", weights.get("*/*", 0.0)))
+    return openmetrics > 0 and openmetrics >= text
 
 
 def _wants_gzip(accept_encoding: str) -> bool:

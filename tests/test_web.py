@@ -78,6 +78,16 @@ async def test_metrics_gzip_when_asked(state: ExporterState, clients: Clients) -
         ("text/plain;q=0.5, application/openmetrics-text", "GZIP", True, True),
         ("*/*", "deflate, *;q=0.1", False, True),
         ("", "identity", False, False),
+        ("application/openmetrics-text;q=0.5,text/plain;q=0.9", "", False, False),
+        ("application/openmetrics-text;q=0.5,*/*;q=0.9", "", False, False),
+        # What Prometheus sends: two OpenMetrics versions, text at a lower weight.
+        (
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+            "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            "gzip",
+            True,
+            True,
+        ),
     ],
 )
 async def test_metrics_negotiation_honours_q_values(
@@ -88,7 +98,8 @@ async def test_metrics_negotiation_honours_q_values(
     openmetrics: bool,
     gzipped: bool,
 ) -> None:
-    """q=0 refuses a format or coding, names are case-insensitive, and the answer says it varies."""
+    """q=0 refuses a format or coding, the higher weight of OpenMetrics and text wins, names
+    are case-insensitive, and the answer says it varies."""
     client = await clients(create_app(state))
     response = await client.get(
         "/metrics",
