@@ -238,7 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C in the foreground (--once, or before the signal handlers are in place).
         return 130
     except OSError as error:
-        log.error("cannot serve on %s: %s", format_listen_address(args.listen), error.strerror)
+        if error.filename is not None:  # a file (a secret, say) that went away since the check
+            log.error("cannot read %s: %s", error.filename, error.strerror)
+        else:
+            log.error("cannot serve on %s: %s", format_listen_address(args.listen), error.strerror)
         return 1
 
 

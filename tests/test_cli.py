@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import exporter.cli
 from exporter.cli import format_listen_address, main, parse_listen_address
-from exporter.simulator import DEMO_TASKS
-from tests.support import write_config
+from exporter.config import Config
+from exporter.simulator import DEMO_SECRET_KEY, DEMO_TASKS
+from tests.support import config_yaml, write_config
 
 
 @pytest.mark.parametrize(
@@ -53,3 +55,31 @@ def test_demo_says_that_it_ignores_a_config_file(
     config = write_config(tmp_path, "http://127.0.0.1:1")
     assert main(["--demo", "--once", "--config.file", str(config)]) == 0
     assert f"--config.file {config} is ignored in demo mode" in capsys.readouterr().err
+
+
+def test_a_secret_file_gone_before_start_is_named_not_blamed_on_the_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A secret file that disappears between reading the config and starting is reported as that
+    file, not as "cannot serve on :9713"."""
+    secret = tmp_path / "secret_key"
+    secret.write_text("s3cret-value\n", encoding="utf-8")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        config_yaml("http://127.0.0.1:1").replace(
+            f"secret_key: {DEMO_SECRET_KEY}", f"secret_key_file: {secret}"
+        ),
+        encoding="utf-8",
+    )
+    real_load = exporter.cli.load_config
+
+    def load_then_lose_the_secret(path: str) -> Config:
+        loaded = real_load(path)
+        secret.unlink()
+        return loaded
+
+    monkeypatch.setattr(exporter.cli, "load_config", load_then_lose_the_secret)
+    assert main(["--config.file", str(config), "--web.listen-address", "127.0.0.1:0"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read {secret}: No such file or directory" in err
+    assert "cannot serve" not in err
