@@ -118,6 +118,9 @@ _BCRYPT_COSTS = range(4, 32)  # the costs the bcrypt library accepts; others rai
 _BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _NOT_BCRYPT = "not a bcrypt hash ($2a$, $2b$ or $2y$)"
 _BCRYPT_MAX_PASSWORD = 72  # bcrypt ignores (bcrypt 5: rejects) bytes beyond this
+# bcrypt checks running or queued at once; a login beyond them is refused without one, so that a
+# flood of wrong passwords costs at most one core and a short queue, never an unbounded backlog.
+MAX_PENDING_PASSWORD_CHECKS = 8
 
 
 class WebConfigError(Exception):
@@ -447,9 +450,12 @@ class _Verifier:
         # is bounded by the config, not by what clients send.
         self._verified: dict[str, bytes] = {}
         # bcrypt takes ~50-100 ms of CPU: keep it off the event loop and off the default executor
-        # (which DNS lookups share), so a flood of wrong passwords cannot starve the poller.
+        # (which DNS lookups share), on one thread, so a flood of wrong passwords cannot starve
+        # the poller of both cores.
         self._executor: ThreadPoolExecutor | None = None
+        self._pending = 0
         self._warned = False
+        self._flood_logged = False
 
     async def check(self, authorization: str | None) -> bool:
         credentials = _parse_basic(authorization)
@@ -464,9 +470,19 @@ class _Verifier:
         usable = hashed is not None and len(password) <= _BCRYPT_MAX_PASSWORD
         # The same bcrypt work on every failing path: unknown user, over-long password, wrong one.
         target = hashed if usable and hashed is not None else self._dummy
+        if self._pending >= MAX_PENDING_PASSWORD_CHECKS:
+            if not self._flood_logged:  # once per flood: the log must not grow with it
+                self._flood_logged = True
+                log.warning(
+                    "basic auth: %d password checks already running; refusing further logins "
+                    "until they end (a password-guessing flood?)",
+                    self._pending,
+                )
+            return False
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bcrypt")
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bcrypt")
         loop = asyncio.get_running_loop()
+        self._pending += 1
         try:
             ok = await loop.run_in_executor(
                 self._executor, _checkpw, password[:_BCRYPT_MAX_PASSWORD], target
@@ -485,6 +501,10 @@ class _Verifier:
                     e,
                 )
             ok = False
+        finally:
+            self._pending -= 1
+            if self._pending == 0:
+                self._flood_logged = False
         if ok and usable:
             self._verified[user] = digest
             return True

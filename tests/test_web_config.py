@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,7 +18,13 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from exporter.web_config import WebConfig, WebConfigError, auth_middleware, load_web_config
+from exporter.web_config import (
+    MAX_PENDING_PASSWORD_CHECKS,
+    WebConfig,
+    WebConfigError,
+    auth_middleware,
+    load_web_config,
+)
 from tests.support import basic_auth, make_test_ca, make_test_leaf, run_openssl
 
 PASSWORD = "correct horse battery staple"
@@ -485,6 +493,36 @@ async def test_unusable_hash_past_loading_gets_401_and_one_log_line(
     assert len(logged) == 1
     assert "'bob'" in logged[0]
     assert HASH_COST_99[7:] not in logged[0]
+
+
+async def test_a_flood_of_wrong_passwords_is_cut_off_at_a_short_queue(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forty wrong passwords at once run at most MAX_PENDING_PASSWORD_CHECKS bcrypt checks; the
+    rest get 401 without one, the log says so once, and a user verified before keeps getting in."""
+    config = WebConfig(basic_auth_users={"alice": HASH_2B.encode()})
+    calls: list[bytes] = []
+
+    def slow_wrong(password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        time.sleep(0.3)  # in the bcrypt thread, like a costly hash
+        return False
+
+    with caplog.at_level(logging.WARNING, logger="exporter.web_config"):
+        async with _serve(config) as url, aiohttp.ClientSession() as session:
+
+            async def status(user: str, password: str) -> int:
+                async with session.get(f"{url}/metrics", headers=basic_auth(user, password)) as r:
+                    return r.status
+
+            assert await status("alice", PASSWORD) == 200  # verified once, then remembered
+            monkeypatch.setattr(bcrypt, "checkpw", slow_wrong)
+            flood = await asyncio.gather(*(status("alice", f"guess-{i}") for i in range(40)))
+            assert await status("alice", PASSWORD) == 200
+    assert flood == [401] * 40
+    assert 1 <= len(calls) <= 2 * MAX_PENDING_PASSWORD_CHECKS
+    flood_lines = [r for r in caplog.records if "refusing further logins" in r.getMessage()]
+    assert len(flood_lines) == 1
 
 
 async def test_exempt_path_skips_auth(tmp_path: Path) -> None:
