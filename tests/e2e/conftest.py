@@ -12,6 +12,8 @@
 - ``start_prometheus(config)``: runs a real Prometheus (Debian package) with ``config`` (a dict for
   prometheus.yml) on a free loopback port with its TSDB in ``tmp_path``; returns a ``Prometheus``
   with ``query(expr)`` over ``/api/v1/query``.
+- ``launch_exporter`` and ``launch_prometheus`` are those two starters as plain functions, for
+  scripts outside pytest (``scripts/render_dashboard.py``).
 """
 
 from __future__ import annotations
@@ -148,31 +150,35 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
+def launch_exporter(processes: Processes, *flags: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """Run the real daemon (``python -m exporter FLAGS``) on a free loopback port under
+    ``processes``; wait for ``/metrics``; return its base URL and process."""
+    port = _free_port()
+    proc = processes.start(
+        "exporter",
+        [sys.executable, "-m", "exporter", *flags, "--web.listen-address", f"127.0.0.1:{port}"],
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"exporter exited:\n{processes.output(proc)}")
+        return http_get(f"{url}/metrics")[0] == 200
+
+    try:
+        _wait_until(answers, 20, "the exporter's /metrics")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{processes.all_output()}") from None
+    return url, proc
+
+
 @pytest.fixture
-def start_exporter(
-    processes: Processes, free_port: Callable[[], int]
-) -> Callable[..., tuple[str, subprocess.Popen[bytes]]]:
+def start_exporter(processes: Processes) -> Callable[..., tuple[str, subprocess.Popen[bytes]]]:
     """Return a starter for the real daemon (``python -m exporter FLAGS``) on a loopback port."""
 
     def start(*flags: str) -> tuple[str, subprocess.Popen[bytes]]:
-        port = free_port()
-        proc = processes.start(
-            "exporter",
-            [sys.executable, "-m", "exporter", *flags, "--web.listen-address", f"127.0.0.1:{port}"],
-            cwd=ROOT,
-        )
-        url = f"http://127.0.0.1:{port}"
-
-        def answers() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"exporter exited:\n{processes.output(proc)}")
-            return http_get(f"{url}/metrics")[0] == 200
-
-        try:
-            _wait_until(answers, 20, "the exporter's /metrics")
-        except AssertionError as error:
-            raise AssertionError(f"{error}\n{processes.all_output()}") from None
-        return url, proc
+        return launch_exporter(processes, *flags)
 
     return start
 
@@ -198,39 +204,53 @@ class Prometheus:
         return result
 
 
+def launch_prometheus(
+    processes: Processes,
+    directory: Path,
+    config: dict[str, Any],
+    *,
+    prometheus: str,
+    promtool: str,
+) -> Prometheus:
+    """Run a real Prometheus under ``processes`` with ``config`` (prometheus.yml content, checked
+    by promtool) on a free loopback port, its config and TSDB in ``directory``; wait until ready."""
+    config_file = directory / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    check = subprocess.run(
+        [promtool, "check", "config", str(config_file)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    port = _free_port()
+    proc = processes.start(
+        "prometheus",
+        [
+            prometheus,
+            f"--config.file={config_file}",
+            f"--storage.tsdb.path={directory / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle",
+        ],
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"prometheus exited:\n{processes.output(proc)}")
+        return http_get(f"{url}/-/ready")[0] == 200
+
+    _wait_until(ready, 20, "Prometheus /-/ready")
+    return Prometheus(url, proc)
+
+
 @pytest.fixture
 def start_prometheus(
-    processes: Processes, tool: Callable[[str], str], free_port: Callable[[], int], tmp_path: Path
+    processes: Processes, tool: Callable[[str], str], tmp_path: Path
 ) -> Callable[[dict[str, Any]], Prometheus]:
     """Return a starter for a real Prometheus with the given prometheus.yml content."""
 
     def start(config: dict[str, Any]) -> Prometheus:
-        prometheus, promtool = tool("prometheus"), tool("promtool")
-        config_file = tmp_path / "prometheus.yml"
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        check = subprocess.run(
-            [promtool, "check", "config", str(config_file)], capture_output=True, text=True
+        return launch_prometheus(
+            processes, tmp_path, config, prometheus=tool("prometheus"), promtool=tool("promtool")
         )
-        assert check.returncode == 0, check.stdout + check.stderr
-        port = free_port()
-        proc = processes.start(
-            "prometheus",
-            [
-                prometheus,
-                f"--config.file={config_file}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--web.enable-lifecycle",
-            ],
-        )
-        url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"prometheus exited:\n{processes.output(proc)}")
-            return http_get(f"{url}/-/ready")[0] == 200
-
-        _wait_until(ready, 20, "Prometheus /-/ready")
-        return Prometheus(url, proc)
 
     return start
