@@ -1077,6 +1077,22 @@ async def test_stats_body_with_null_error_code_is_stats(
     assert await client.get_stats(TASK_A) == body
 
 
+async def test_one_reset_connection_is_retried_and_two_fail(
+    sim_server: SimServer, http_session: aiohttp.ClientSession
+) -> None:
+    """A keep-alive connection that the server resets before answering costs one retry of the
+    GET, and the poll succeeds; two resets in a row are a CONNECTION error, not a hang."""
+    client = make_client(http_session, make_config(sim_server.url))
+    assert await client.get_stats(TASK_A) == BASELINE_BODY  # a pooled connection now exists
+    sim_server.sim.push(TASK_A, CannedResponse(reset=True))
+    assert await client.get_stats(TASK_A) == BASELINE_BODY
+    stats = [r for r in sim_server.sim.requests if r.path.endswith(f"{TASK_A}/stats")]
+    assert [r.status for r in stats] == [200, 0, 200]
+    sim_server.sim.push(TASK_A, CannedResponse(reset=True), CannedResponse(reset=True))
+    error = await call(client)
+    assert isinstance(error, ApiError) and error.kind is ErrorKind.CONNECTION
+
+
 async def test_unreadable_redirect_location(
     sim_server: SimServer, http_session: aiohttp.ClientSession
 ) -> None:
