@@ -65,14 +65,19 @@ def describe_route(url: str) -> tuple[int, str]:
     return logging.INFO, f"{origin}: through the proxy {shown} ({variable})"
 
 
+def pool_size(config: Config) -> int:
+    """Connections the session keeps at most: each target's poller runs up to ``concurrency``
+    polls at once, and a poll may hold a second connection (a token request, say)."""
+    return max(4, config.polling.concurrency * 2) * len(config.targets)
+
+
 def open_session(config: Config) -> aiohttp.ClientSession:
     """One HTTP session for the process and every target: pooled connections, proxy from the env."""
-    endpoints, concurrency = session_key(config)
+    endpoints, _ = session_key(config)
     for endpoint in sorted(endpoints):
         level, line = describe_route(endpoint)
         log.log(level, "%s", line)
-    # Each target's poller runs up to ``concurrency`` polls at once.
-    connector = aiohttp.TCPConnector(limit=max(4, concurrency * 2) * len(config.targets))
+    connector = aiohttp.TCPConnector(limit=pool_size(config))
     proxies = {env_proxy(url) for url in endpoints}
     if len(proxies) == 1:
         proxy, proxy_auth = proxies.pop()
