@@ -457,14 +457,17 @@ class Daemon:
                 count,
                 len(self.config.all_tasks),
             )
-        discovering = [run for run in self.runs.values() if run.target.discovery is not None]
-        for run in discovering:
-            assert run.target.discovery is not None
-            self._start_discovery(run, first_delay=run.target.discovery.interval)
-        # One listing per target before the first round, so that discovered tasks are in it.
-        await asyncio.gather(
-            *(run.discovery.refresh_guarded() for run in discovering if run.discovery is not None)
-        )
+        for run in self.runs.values():
+            self._start_discovery(run, first_delay=0.0)  # the loops list at once
+        # Wait for the first listings, so that discovered tasks are in the first round, but for
+        # one request timeout at most: a slow or endless listing (1,000 pages) must not hold up
+        # the configured tasks, /healthz or SIGTERM. It goes on in its loop; what it finds joins
+        # the next round.
+        first = [
+            run.discovery.first_listing_done.wait() for run in self.runs.values() if run.discovery
+        ]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*first), timeout=self.config.polling.timeout)
         for run in self.runs.values():
             self._start_polling(run)
 

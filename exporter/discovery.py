@@ -98,6 +98,7 @@ class Discovery:
         self.refreshes = 0
         self.failures = 0
         self.last_success_time: float | None = None
+        self.first_listing_done = asyncio.Event()  # set once the first listing ended, either way
 
     async def refresh(self) -> bool:
         """List once; on success adopt the result (calling on_change if it differs)."""
@@ -139,6 +140,8 @@ class Discovery:
             if self._on_refresh is not None:
                 self._on_refresh(self, False)
             return False
+        finally:
+            self.first_listing_done.set()
 
     async def run(self, *, first_delay: float = 0.0) -> None:
         """Refresh forever: every interval, or sooner after a failure; never raises."""

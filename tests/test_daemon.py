@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 import exporter.daemon
+from exporter.client import DcsClient, TaskDetails
 from exporter.config import load_config
 from exporter.daemon import Daemon
 from exporter.poller import Poller
@@ -269,6 +270,34 @@ async def test_reloads_in_quick_succession_keep_each_tasks_schedule(
         assert (await running.reload())[0] == 200
         await asyncio.sleep(0.5)
     assert stats_requests(sim_server) == before
+
+
+async def test_an_endless_first_listing_holds_up_neither_polling_nor_health(
+    sim_server: SimServer,
+    tmp_path: Path,
+    start_daemon: Callable[[Path], Awaitable[Running]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first discovery listing that never ends (a list API that ignores offset pages for
+    1,000 pages, say) delays the start by one request timeout at most: the configured task is
+    polled and /healthz answers 200 while the listing goes on."""
+
+    async def endless(self: DcsClient, name: str | None = None) -> list[TaskDetails]:
+        await asyncio.sleep(3600)
+        return []
+
+    monkeypatch.setattr(DcsClient, "list_tasks", endless)
+    path = tmp_path / "config.yaml"
+    polling = "polling:\n  interval: 200ms\n  timeout: 1s\n"
+    path.write_text(
+        config_yaml(sim_server.url, (TASK_A,), polling + "discovery:\n  interval: 1m\n")
+    )
+    began = time.monotonic()
+    running = await start_daemon(path)
+    assert time.monotonic() - began < 3.0
+    await running.until(up(), timeout=5.0)
+    async with running.session.get(f"{running.base}/healthz") as response:
+        assert response.status == 200
 
 
 async def test_reload_rereads_the_password_file(
