@@ -283,6 +283,7 @@ class DcsClient:
         self._recent_tokens: deque[str] = deque(maxlen=4)  # for scrubbing error texts
         self._held: dict[str, _HeldFailure] = {}  # by IAM call: "token", "project lookup"
         self._token_requests = 0
+        self._rejection_logged: str | None = None  # the token last reported as refused again
         self.tokens: TokenCache | None = None
         if isinstance(auth, PasswordAuth):
             self.tokens = TokenCache(
@@ -334,7 +335,7 @@ class DcsClient:
                 if not isinstance(entries, list):
                     raise ApiError(ErrorKind.UNEXPECTED_SHAPE, "task list: no migration_tasks list")
                 tasks.extend(
-                    _details_from(entry, str(entry["task_id"]))
+                    _details_from(entry, _listed_id(entry["task_id"]))
                     for entry in entries
                     if isinstance(entry, dict) and entry.get("task_id")
                 )
@@ -659,7 +660,9 @@ class DcsClient:
         if self.tokens is not None:
             rejected = sent.get("X-Auth-Token", "")
             fresh = await self.tokens.refresh_after_rejection(rejected)
-            if fresh is None:
+            if fresh is None and rejected != self._rejection_logged:
+                # Once per token, not once per task and poll: every task hits the same refusal.
+                self._rejection_logged = rejected
                 log.error("token rejected again after a recent refresh: %s", error)
             return fresh is not None
         return self._correct_clock(answer, signed_with)
@@ -850,6 +853,12 @@ def _decode_quietly(answer: _Answer) -> Any:
         return json.loads(answer.raw) if answer.raw.strip() else None
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
+
+
+def _listed_id(value: Any) -> str:
+    """A listed task_id as sent when it is a string; anything else (``true``, ``12345``) as a
+    text that no task ID matches, so that discovery skips it with a warning."""
+    return value if isinstance(value, str) else f"<{type(value).__name__} {_clip(value, 40)}>"
 
 
 def _text(value: Any) -> str:

@@ -669,6 +669,24 @@ async def test_a_refused_password_is_tried_once_per_hold_for_all_tasks(
     assert sim_server.sim.token_requests == 2
 
 
+async def test_a_token_refused_again_is_logged_once_not_per_task(
+    sim_server: SimServer, http_session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the API keeps refusing a freshly refreshed token, the error saying so is logged
+    once for that token, not once for each of the tasks' polls."""
+    client = client_for(http_session, password_config(make_config(sim_server.url)), FakeClock())
+    refused = CannedResponse(
+        401, {"error_code": "APIGW.0301", "error_msg": "token expired (illustrative)"}
+    )
+    sim_server.sim.push_all(*[refused] * 40)
+    with caplog.at_level(logging.ERROR, logger="exporter.client"):
+        for _ in range(4):
+            await asyncio.gather(call(client, TASK_A), call(client, TASK_B))
+    again = [r for r in caplog.records if "token rejected again" in r.getMessage()]
+    assert len(again) == 1
+    assert sim_server.sim.token_requests == 2  # the first token and one forced refresh
+
+
 async def test_an_iam_outage_is_asked_again_after_a_doubling_hold(
     http_session: aiohttp.ClientSession, recorder: Callable[..., Awaitable[Recorder]]
 ) -> None:

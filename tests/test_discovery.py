@@ -179,9 +179,11 @@ async def test_refresh_reads_every_page(
 async def test_bad_ids_from_the_list_api_are_skipped_once_per_listing(
     clients: Clients, http_session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A list API sending control characters, a huge string or an object as task_id: those
-    entries are skipped, the good ones kept, and each listing logs one bounded warning."""
-    entries = [{"task_id": value, "task_name": "x"} for value in [*BAD_IDS, "good-1", 12345]]
+    """A list API sending control characters, a huge string, an object, a number or a boolean
+    as task_id: those entries are skipped, the good ones kept, and each listing logs one
+    bounded warning."""
+    bad = [*BAD_IDS, 12345, True]
+    entries = [{"task_id": value, "task_name": "x"} for value in [*bad, "good-1"]]
 
     async def page(request: web.Request) -> web.Response:
         shown = entries if request.query["offset"] == "0" else []
@@ -194,11 +196,11 @@ async def test_bad_ids_from_the_list_api_are_skipped_once_per_listing(
     discovery = Discovery(DiscoveryConfig(), client.list_tasks, lambda found: None)
     with caplog.at_level(logging.WARNING, logger="exporter.discovery"):
         assert await discovery.refresh() and await discovery.refresh()
-    # The client turns the JSON number into "12345", a valid ID shape, so it is kept.
-    assert discovery.found == (TaskConfig("good-1"), TaskConfig("12345"))
+    # A JSON number or boolean is no task ID either, though "12345" or "True" would be.
+    assert discovery.found == (TaskConfig("good-1"),)
     assert discovery.listed == len(entries)
     warnings = warnings_of(caplog)
-    assert len(warnings) == 2 and all(f"skipped {len(BAD_IDS)} " in w for w in warnings)
+    assert len(warnings) == 2 and all(f"skipped {len(bad)} " in w for w in warnings)
     assert all(w.isprintable() and len(w) < 200 for w in warnings)
 
 
