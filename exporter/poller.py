@@ -90,6 +90,9 @@ class Poller:
         self._details_due: dict[str, float] = {}
         self._overrun_logged: set[str] = set()
         self._running: set[asyncio.Task[None]] = set()
+        self._abandoned: set[str] = set()  # tasks whose poll stop() cancelled
+        # Not before then: a cancelled request of the task may still be with the API.
+        self._hold_until: dict[str, float] = {}
         # The tasks of the poller this one replaces (a reload), by default every task already in
         # the state, are this poller's to keep or drop: one missing from the new list must lose
         # its series here too. Other targets' pollers pass their own.
@@ -135,10 +138,19 @@ class Poller:
         but never makes it longer than that interval), and the project's 429 pause and backoff
         stay in force.
         """
-        latest = self._monotonic() + self.polling.interval
+        now = self._monotonic()
+        latest = now + self.polling.interval
         for task_id in self._task_ids:
             if task_id in previous._next_due:
                 self._next_due[task_id] = min(previous._next_due[task_id], latest)
+            # A cancelled request may still be with the API until its timeout: at most one
+            # request in flight per task (CASES C13), however many reloads come in between.
+            hold = previous._hold_until.get(task_id, 0.0)
+            if task_id in previous._abandoned:
+                hold = max(hold, now + previous.polling.timeout)
+            if hold > now:
+                self._hold_until[task_id] = hold
+                self._next_due[task_id] = max(self._next_due.get(task_id, 0.0), hold)
             if task_id in previous._details_due:
                 self._details_due[task_id] = previous._details_due[task_id]
         self.client.throttle.carry_over(previous.client.throttle)
@@ -195,6 +207,8 @@ class Poller:
 
     async def stop(self) -> None:
         """Cancel polls in flight and wait for them to finish cancelling."""
+        # The API may still be working on their requests; a successor must not ask again at once.
+        self._abandoned |= self._busy
         for task in list(self._running):
             task.cancel()
         for task in list(self._running):

@@ -300,6 +300,25 @@ async def test_an_endless_first_listing_holds_up_neither_polling_nor_health(
         assert response.status == 200
 
 
+async def test_reloads_during_a_slow_poll_never_put_two_requests_in_flight(
+    sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
+) -> None:
+    """Reloads that rebuild the poller while a 1 s poll is out cancel it, and the new poller waits
+    out the request timeout before asking again: the API never sees two requests of one task."""
+    polling = "polling:\n  interval: 200ms\n  timeout: 1500ms\n  concurrency: {}\n"
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(sim_server.url, (TASK_A,), polling.format(4)))
+    running = await start_daemon(path)
+    await running.until(up())
+    sim_server.sim.push(TASK_A, *[CannedResponse(200, dict(BASELINE_BODY), delay=1.0)] * 20)
+    for concurrency in (5, 4, 5, 4, 5, 4):
+        await asyncio.sleep(0.3)
+        path.write_text(config_yaml(sim_server.url, (TASK_A,), polling.format(concurrency)))
+        assert (await running.reload())[0] == 200
+    await asyncio.sleep(1.5)
+    assert sim_server.sim.max_in_flight(TASK_A) == 1
+
+
 async def test_reload_rereads_the_password_file(
     sim_server: SimServer, tmp_path: Path, start_daemon: Callable[[Path], Awaitable[Running]]
 ) -> None:
@@ -335,7 +354,9 @@ async def test_reload_applies_new_polling_settings(
     path = tmp_path / "config.yaml"
     path.write_text(config_yaml(sim_server.url, (TASK_A,), "polling:\n  interval: 30s\n"))
     running = await start_daemon(path)
-    await running.until(up())
+    # The whole first round, details included: a reload cancelling a request still out would
+    # rightly hold the task back for the request timeout (10 s here).
+    await running.until(lambda m: (m.get("dcs_migration_poll_cycles_total") or 0) >= 1)
     assert await running.polls() == 1  # the next poll would be 30 s away
     path.write_text(config_yaml(sim_server.url, (TASK_A,), FAST))
     assert (await running.reload())[0] == 200
