@@ -322,7 +322,10 @@ def _errors_text(task: TaskState) -> str:
 def task_snapshot(task: TaskState, history: History, now: float) -> dict[str, object]:
     """One task as JSON-ready data, with the page's display strings under ``display``."""
     record = task.record
-    trend = history.trend(task.task_id)
+    # Without current values (dropped after failures, or the task is gone) the history is frozen:
+    # "flat" would read as a stall and a rate as made up, so the trend is unknown.
+    current = record is not None and record.offset is not None and not task.gone
+    trend = history.trend(task.task_id) if current else Trend("unknown")
     eta = history.full_eta(task.task_id)
     age = None if task.last_success_time is None else max(0.0, now - task.last_success_time)
     status = task.details.status if task.details else None

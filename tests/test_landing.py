@@ -244,6 +244,27 @@ def test_snapshot_of_failing_and_pending_tasks() -> None:
     assert pending["display"]["last_poll"] == landing.DASH
 
 
+@pytest.mark.parametrize("how", ["values dropped", "gone"])
+def test_a_task_without_current_values_has_no_trend(how: str) -> None:
+    """Once a failing task's values are dropped, or the cloud says it is gone, its frozen
+    history does not read as "flat" (a stall) and no rate is shown: the trend is unknown."""
+    state, history = ExporterState(), History()
+    for at in (100.0, 130.0, 160.0):
+        state.tasks[TASK_A] = polled_task(at=at, offset=5000.0)
+        state.changed()
+        history.observe(state)
+    task = state.tasks[TASK_A]
+    task.up = False
+    if how == "gone":
+        task.gone = True
+    task.record = None
+    state.changed()
+    (entry,) = landing.snapshot(state, history, NOW)["tasks"]  # type: ignore[misc]
+    assert entry["offset_trend"] == "unknown"
+    assert entry["offset_rate"] is None and entry["offset_held_seconds"] is None
+    assert entry["display"]["trend"] == landing.DASH
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [
