@@ -22,7 +22,7 @@ from exporter.config import (
 )
 from exporter.daemon import Daemon, build_poller
 from exporter.discovery import merge, select
-from exporter.logs import LEVELS, setup_logging
+from exporter.logs import LEVELS, log_each_line, setup_logging
 from exporter.poller import Poller
 from exporter.session import open_session
 from exporter.sharding import Shard, parse_shard
@@ -260,10 +260,7 @@ def _run(args: argparse.Namespace, given_config_file: bool) -> int:
             return 0
         config = load_config(args.config_file)
     except (ConfigError, WebConfigError) as error:
-        # One log line per problem: a multi-line message would be one escaped logfmt line.
-        log.error("cannot start: invalid configuration")
-        for line in str(error).splitlines():
-            log.error("%s", line)
+        log_each_line(log, logging.ERROR, "cannot start: invalid configuration", str(error))
         return 1
     if args.once:
         return asyncio.run(run_once(config, args.shard))

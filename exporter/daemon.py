@@ -21,6 +21,7 @@ from aiohttp import web
 from exporter.client import DcsClient, TaskDetails
 from exporter.config import AkSkAuth, Auth, Config, ConfigError, Target, TaskConfig
 from exporter.discovery import Discovery, merge
+from exporter.logs import log_each_line
 from exporter.poller import Poller
 from exporter.session import open_session, session_key
 from exporter.sharding import Shard
@@ -373,10 +374,9 @@ class Daemon:
         self.state.config_reload_ok = False
         self.state.config_reload_failures_total += 1
         self.state.changed()
-        # One log line per problem, as at start: a multi-line message is one escaped logfmt line.
-        log.error("configuration reload failed; keeping the running one")
-        for line in problem.splitlines():
-            log.error("%s", line)
+        log_each_line(
+            log, logging.ERROR, "configuration reload failed; keeping the running one", problem
+        )
         return problem
 
     # ---- polling ------------------------------------------------------------------------------

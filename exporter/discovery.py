@@ -50,7 +50,7 @@ def select(found: Iterable[TaskDetails], config: DiscoveryConfig) -> tuple[TaskC
     """
     seen: set[str] = set()
     selected: list[TaskConfig] = []
-    skipped: list[object] = []  # typed str, but checked as any JSON value the list API may send
+    skipped: list[str] = []
     for task in found:
         if not is_task_id(task.task_id):
             skipped.append(task.task_id)
@@ -63,7 +63,7 @@ def select(found: Iterable[TaskDetails], config: DiscoveryConfig) -> tuple[TaskC
         log.warning(
             "discovery: skipped %d listed tasks whose task_id is not a task ID, such as %s",
             len(skipped),
-            ascii(shorten(str(skipped[0]))),  # cut, then escaped: one short printable line
+            ascii(shorten(skipped[0])),  # cut, then escaped: one short printable line
         )
     return tuple(selected)
 

@@ -103,6 +103,14 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
+def log_each_line(logger: logging.Logger, level: int, headline: str, text: str) -> None:
+    """``headline``, then each line of ``text`` as a record of its own: one message with newlines
+    would be a single logfmt line with escaped ``\\n`` (a list of config problems, say)."""
+    logger.log(level, "%s", headline)
+    for line in text.splitlines():
+        logger.log(level, "%s", line)
+
+
 def setup_logging(level: str, fmt: str) -> None:
     """Send logs to stderr in the chosen format and level."""
     handler = logging.StreamHandler(sys.stderr)

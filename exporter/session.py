@@ -74,8 +74,8 @@ def pool_size(config: Config) -> int:
 def open_session(config: Config) -> aiohttp.ClientSession:
     """One HTTP session for the process and every target: pooled connections, proxy from the env."""
     endpoints, _ = session_key(config)
-    for endpoint in sorted(endpoints):
-        level, line = describe_route(endpoint)
+    # DCS and IAM often share an origin (differing only in path): one line for each origin.
+    for level, line in dict.fromkeys(describe_route(endpoint) for endpoint in sorted(endpoints)):
         log.log(level, "%s", line)
     connector = aiohttp.TCPConnector(limit=pool_size(config))
     proxies = {env_proxy(url) for url in endpoints}

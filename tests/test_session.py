@@ -89,3 +89,18 @@ def test_the_route_line_never_shows_proxy_credentials(monkeypatch: pytest.Monkey
         assert got_level == level
         assert "pr0xy-Secret" not in line and "alice" not in line
         assert f"{scheme}://proxy.corp:3128" in line
+
+
+async def test_endpoints_of_one_origin_are_described_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DCS and IAM on one origin (paths differ) give one route line, not two identical ones."""
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.corp:3128")
+    config = make_config("http://dcs.invalid")  # IAM is http://dcs.invalid/v3
+    with caplog.at_level(logging.INFO, logger="exporter.session"):
+        async with open_session(config):
+            pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "exporter.session"]
+    assert lines == ["http://dcs.invalid:80: through the proxy http://proxy.corp:3128 (HTTP_PROXY)"]
